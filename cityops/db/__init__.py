@@ -1,0 +1,1 @@
+"""Database access: connections and pool, migrations, storage-mode maintenance."""

@@ -1,0 +1,105 @@
+"""``cityops up``: everything a newcomer needs, in one process tree, stopped cleanly by Ctrl-C.
+
+It starts embedded services where none are configured, migrates, and runs every component that
+exists. Components are long-lived tasks with names; on a stop signal each is cancelled and awaited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+
+from cityops.catalogue import Catalogue
+from cityops.db.connection import connection, redact
+from cityops.db.maintenance import maintain
+from cityops.db.migrate import migrate
+from cityops.services import Endpoints, resolve_services, runtime_path, write_runtime
+from cityops.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Housekeeping cadence: partitions are created a week ahead, so every few minutes is plenty.
+MAINTENANCE_INTERVAL_S = 300.0
+
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+async def maintenance_loop(
+    db_url: str, settings: Settings, stop: asyncio.Event, clock: Clock = utc_now
+) -> None:
+    while not stop.is_set():
+        try:
+            async with connection(db_url, autocommit=True) as conn:
+                report = await maintain(conn, settings, clock())
+            if report.partitions_created or report.partitions_dropped:
+                log.info(
+                    "maintenance",
+                    extra={
+                        "partitions_created": report.partitions_created,
+                        "partitions_dropped": len(report.partitions_dropped),
+                    },
+                )
+        except Exception:
+            log.exception("maintenance round failed; retrying next round")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), MAINTENANCE_INTERVAL_S)
+
+
+def banner(endpoints: Endpoints, mode: str, settings: Settings) -> str:
+    def where(name: str) -> str:
+        return "embedded" if name in endpoints.embedded else "configured"
+
+    lines = [
+        "cityops is up",
+        f"  PostgreSQL ({where('postgresql')}, {mode} storage): {redact(endpoints.database_url)}",
+        f"  MQTT broker ({where('mqtt')}): {endpoints.mqtt_url}"
+        + (f"  (MQTT 3.1.1: {endpoints.mqtt_v311_url})" if endpoints.mqtt_v311_url else ""),
+        f"  devices publish to: {settings.topic_root}/v1/<device_id>/telemetry",
+        f"  maintenance: every {int(MAINTENANCE_INTERVAL_S)} s",
+        f"  runtime file: {runtime_path(settings).resolve()}",
+        "Press Ctrl-C to stop.",
+    ]
+    return "\n".join(lines)
+
+
+async def run_up(
+    settings: Settings,
+    catalogue: Catalogue,
+    *,
+    ready: Callable[[Endpoints], Awaitable[None]] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    async with resolve_services(settings) as endpoints:
+        async with connection(endpoints.database_url) as conn:
+            report = await migrate(conn, settings, catalogue)
+        write_runtime(settings, endpoints)
+        tasks = [
+            asyncio.create_task(maintenance_loop(endpoints.database_url, settings, stop), name="maintenance"),
+        ]
+        print(banner(endpoints, report.mode.value, settings), file=sys.stderr, flush=True)
+        if ready is not None:
+            await ready(endpoints)
+        try:
+            await stop.wait()
+        finally:
+            log.info("stopping")
+            stop.set()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            runtime_path(settings).unlink(missing_ok=True)
+    log.info("stopped")

@@ -1,0 +1,1 @@
+"""The control-centre HTTP API (FastAPI)."""

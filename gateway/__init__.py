@@ -1,0 +1,1 @@
+"""MQTT gateway: session with manual acknowledgement, decoding, validation, dead letters."""

@@ -1,0 +1,1 @@
+"""Batching writer into ``readings``: binary COPY, staged merge on redelivery, rollups, retention."""

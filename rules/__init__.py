@@ -1,0 +1,1 @@
+"""Rule specs, stateful evaluators and the alert lifecycle."""
