@@ -29,8 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cityops {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    up = commands.add_parser("up", help="start everything (embedded services when none are configured)")
-    up.add_argument("--demo", action="store_true", help="also run the simulator feeding a demo fleet")
+    commands.add_parser("up", help="start everything (embedded services when none are configured)")
 
     db = commands.add_parser("db", help="database schema and housekeeping").add_subparsers(
         dest="db_command", required=True

@@ -214,10 +214,11 @@ class Decoder:
         if kind is int:
             time_us = raw * 1000
         elif kind is float:
-            if raw - raw != 0.0:
+            scaled = raw * 1000.0
+            if scaled - scaled != 0.0:  # NaN, ±inf, or so large that scaling overflowed
                 out.reject(RejectReason.INVALID_TIMESTAMP, f"ts is {raw}")
                 return None
-            time_us = int(raw * 1000.0)
+            time_us = int(scaled)
         elif kind is str:
             parsed = _parse_rfc3339(raw)
             if parsed is None:

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 
 from cityops.catalogue import Catalogue
@@ -50,8 +50,6 @@ async def maintenance_loop(
                 )
         except Exception:
             log.exception("maintenance round failed; retrying next round")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), MAINTENANCE_INTERVAL_S)
 
 
 def banner(endpoints: Endpoints, mode: str, settings: Settings) -> str:
@@ -78,28 +76,46 @@ async def run_up(
     ready: Callable[[Endpoints], Awaitable[None]] | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
+    """Run until SIGINT/SIGTERM (or ``stop`` is set); ``ready`` is awaited once everything runs."""
     stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
-    async with resolve_services(settings) as endpoints:
-        async with connection(endpoints.database_url) as conn:
-            report = await migrate(conn, settings, catalogue)
-        write_runtime(settings, endpoints)
-        tasks = [
-            asyncio.create_task(maintenance_loop(endpoints.database_url, settings, stop), name="maintenance"),
-        ]
-        print(banner(endpoints, report.mode.value, settings), file=sys.stderr, flush=True)
-        if ready is not None:
-            await ready(endpoints)
-        try:
-            await stop.wait()
-        finally:
-            log.info("stopping")
-            stop.set()
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            runtime_path(settings).unlink(missing_ok=True)
+    with _stop_on_signals(stop):
+        async with resolve_services(settings) as endpoints:
+            async with connection(endpoints.database_url) as conn:
+                report = await migrate(conn, settings, catalogue)
+                await maintain(conn, settings, utc_now())
+            write_runtime(settings, endpoints)
+            tasks = [
+                asyncio.create_task(
+                    maintenance_loop(endpoints.database_url, settings, stop), name="maintenance"
+                ),
+            ]
+            print(banner(endpoints, report.mode.value, settings), file=sys.stderr, flush=True)
+            try:
+                if ready is not None:
+                    await ready(endpoints)
+                await stop.wait()
+            finally:
+                log.info("stopping")
+                stop.set()
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                runtime_path(settings).unlink(missing_ok=True)
     log.info("stopped")
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
+    loop = asyncio.get_running_loop()
+    installed = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError):  # not the main thread, or not a Unix loop
+            pass
+    try:
+        yield
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)

@@ -78,7 +78,10 @@ def migration_files(mode: StorageMode) -> list[MigrationFile]:
 
 
 async def migrate(conn: AsyncConn, settings: Settings, catalogue: Catalogue) -> MigrationReport:
-    """Bring the schema up to date; a second run applies nothing and changes nothing."""
+    """Bring the schema up to date; a second run applies nothing and changes nothing.
+
+    ``conn`` must not be inside a transaction: each migration runs in a transaction of its own.
+    """
     await conn.set_autocommit(True)
     await conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
     try:

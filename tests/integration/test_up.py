@@ -1,0 +1,66 @@
+"""`cityops up`: configured services, or embedded ones when none are configured; clean stop."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import psycopg
+
+from cityops.catalogue import Catalogue
+from cityops.embedded import port_open
+from cityops.services import Endpoints, read_runtime
+from cityops.settings import MqttEndpoint, Settings
+from cityops.up import run_up
+from tests.mqtt_helpers import collect, publish, publisher, subscriber
+
+
+async def test_up_with_configured_services(
+    database_url: str, mqtt_url: str, tmp_path: Path, catalogue: Catalogue
+) -> None:
+    settings = Settings(database_url=database_url, mqtt_url=mqtt_url, data_dir=tmp_path / "state")
+    stop = asyncio.Event()
+    seen: list[Endpoints] = []
+
+    async def ready(endpoints: Endpoints) -> None:
+        seen.append(endpoints)
+        assert read_runtime(settings) == endpoints
+        with psycopg.connect(database_url) as conn:
+            assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone() == (2,)
+            assert conn.execute(
+                "SELECT count(*) FROM pg_inherits WHERE inhparent = 'readings'::regclass"
+            ).fetchone() != (0,)
+        stop.set()
+
+    await asyncio.wait_for(run_up(settings, catalogue, ready=ready, stop=stop), 60)
+    assert seen[0].embedded == [] and seen[0].database_url == database_url
+    assert read_runtime(settings) is None
+
+
+async def test_up_starts_and_stops_embedded_services(tmp_path: Path, catalogue: Catalogue) -> None:
+    settings = Settings(data_dir=tmp_path / "state")
+    stop = asyncio.Event()
+    seen: list[Endpoints] = []
+
+    async def ready(endpoints: Endpoints) -> None:
+        seen.append(endpoints)
+
+        def check() -> None:
+            with psycopg.connect(endpoints.database_url) as conn:
+                assert conn.execute(
+                    "SELECT value FROM cityops_meta WHERE key = 'storage_mode'"
+                ).fetchone() == ("native",)
+            with subscriber(endpoints.mqtt_url, "x/#") as inbox, publisher(endpoints.mqtt_url) as client:
+                publish(client, "x/y", b"1")
+                assert collect(inbox, 1)[0].payload == b"1"
+
+        await asyncio.to_thread(check)
+        stop.set()
+
+    await asyncio.wait_for(run_up(settings, catalogue, ready=ready, stop=stop), 120)
+    (endpoints,) = seen
+    assert endpoints.embedded == ["postgresql", "mqtt"]
+    assert (tmp_path / "state" / "postgres" / "data" / "PG_VERSION").exists()
+    db_port = int(endpoints.database_url.split(":")[2].split("/")[0])
+    mqtt = MqttEndpoint.parse(endpoints.mqtt_url)
+    assert not port_open("127.0.0.1", db_port) and not port_open(mqtt.host, mqtt.port)
