@@ -15,18 +15,30 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from cityops.catalogue import Catalogue
-from cityops.db.connection import AsyncConn, connection
+from cityops.db.connection import AsyncConn, connect
 from cityops.db.maintenance import maintain
 from cityops.db.migrate import migrate, status
+from cityops.errors import DatabaseError
 from cityops.settings import Settings, StorageMode
+from tests.waiting import eventually
 
 pytestmark = [pytest.mark.timescale, pytest.mark.xdist_group("timescale")]
+
+
+async def connect_when_free(url: str) -> AsyncConn:
+    """The socket server takes one client at a time and frees the slot of a closed one asynchronously,
+    so the next test's connection may be refused for a moment."""
+    return await eventually(
+        lambda: connect(url, autocommit=True, prepare_threshold=None),
+        deadline_s=20,
+        retry_on=(DatabaseError,),
+    )
 
 
 @pytest.fixture
 async def ts_conn(timescale_url: str) -> AsyncIterator[AsyncConn]:
     schema = f"t_{uuid.uuid4().hex[:10]}"
-    async with connection(timescale_url, autocommit=True, prepare_threshold=None) as conn:
+    async with await connect_when_free(timescale_url) as conn:
         await conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb SCHEMA public")
         await conn.execute(f"CREATE SCHEMA {schema}")
         await conn.execute(f"SET search_path TO {schema}, public")
