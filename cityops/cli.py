@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
@@ -13,13 +14,14 @@ import orjson
 
 from cityops import __version__
 from cityops.catalogue import Catalogue, load_default_catalogue
+from cityops.components import Component, Services, discover
 from cityops.db.connection import connection, redact
 from cityops.db.maintenance import maintain
 from cityops.db.migrate import migrate, status
 from cityops.errors import CityopsError, ConfigError
 from cityops.logs import configure_logging
 from cityops.registry import FileFormat, import_fleet, list_devices, parse_fleet
-from cityops.services import database_url
+from cityops.services import database_url, mqtt_url
 from cityops.settings import Settings, load_settings
 from cityops.up import run_up, utc_now
 
@@ -52,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     cat = commands.add_parser("catalogue", help="the metric catalogue and device kinds")
     cat.add_argument("--json", action="store_true")
+
+    for component in discover():
+        commands.add_parser(component.name, help=component.help)
     return parser
 
 
@@ -81,6 +86,9 @@ def _dispatch(args: argparse.Namespace, settings: Settings, catalogue: Catalogue
     if args.command == "db":
         handlers = {"migrate": _db_migrate, "status": _db_status, "maintain": _db_maintain}
         return _run(handlers[args.db_command](settings, catalogue))
+    components = {c.name: c for c in discover()}
+    if args.command in components:
+        return _run(_run_component(components[args.command], settings, catalogue))
     if args.command == "devices":
         if args.devices_command == "import":
             text, name = _read_fleet_file(args.file)
@@ -137,6 +145,18 @@ async def _db_maintain(settings: Settings, catalogue: Catalogue) -> int:
         f"{len(report.partitions_dropped)} dropped, {report.rollup_rows_deleted} rollup row(s) and "
         f"{report.dead_letters_deleted} dead letter(s) expired"
     )
+    return 0
+
+
+async def _run_component(component: Component, settings: Settings, catalogue: Catalogue) -> int:
+    """One component on its own, against configured services (or those of a running `cityops up`)."""
+    services = Services(database_url(settings), mqtt_url(settings))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(component.describe(settings), file=sys.stderr, flush=True)
+    await component.run(settings, catalogue, services, stop)
     return 0
 
 

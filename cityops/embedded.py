@@ -28,7 +28,7 @@ PG_CTL_TIMEOUT_S = 60
 # enough that bulk COPY does not checkpoint every few seconds.
 POSTGRES_OPTIONS = ("-c max_connections=200", "-c max_wal_size=2GB", "-c shared_buffers=256MB")
 BROKER_MAX_PAYLOAD = 1 << 20  # bytes; compact batches of thousands of readings fit
-BROKER_MAX_INFLIGHT = 2000  # per connection; matches the pipeline's default receive_maximum
+BROKER_MAX_INFLIGHT = 20_000  # per connection; matches the pipeline's default receive_maximum
 
 
 def free_port(host: str = "127.0.0.1") -> int:

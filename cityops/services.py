@@ -65,6 +65,19 @@ def database_url(settings: Settings) -> str:
     )
 
 
+def mqtt_url(settings: Settings) -> str:
+    """The configured broker, else the one a running ``cityops up`` recorded."""
+    if settings.mqtt_url:
+        return settings.mqtt_url
+    runtime = read_runtime(settings)
+    if runtime is not None:
+        return runtime.mqtt_url
+    raise ConfigError(
+        "CITYOPS_MQTT_URL is not set and no `cityops up` is running in "
+        f"{settings.data_dir.resolve()}: set it, or start `cityops up` first"
+    )
+
+
 def mqtt_reachable(url: str) -> bool:
     endpoint = MqttEndpoint.parse(url)
     return port_open(endpoint.host, endpoint.port, timeout_s=2.0)

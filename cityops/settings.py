@@ -123,13 +123,20 @@ class Settings(BaseSettings):
     )
     subscription_group: str = Field(default="cityops", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     receive_maximum: int = Field(
-        default=2000, ge=1, le=65535, description="MQTT 5 messages in flight before the broker waits"
+        default=20_000,
+        ge=1,
+        le=65535,
+        description="messages in flight (unacknowledged) per pipeline; the broker holds the rest",
     )
 
     # --- ingest ---------------------------------------------------------------------------------
     batch_max_rows: int = Field(default=20_000, ge=1, le=1_000_000)
     batch_interval: PositiveSeconds = Field(default=0.2, description="seconds before a partial batch flushes")
     max_clock_skew: PositiveSeconds = Field(default=300.0, description="seconds a ts may be in the future")
+    rollup_interval: PositiveSeconds = Field(default=10.0, description="native mode: rollup refresh period")
+    presence_interval: PositiveSeconds = Field(default=5.0, description="seconds between last_seen writes")
+    shutdown_timeout: PositiveSeconds = Field(default=30.0, description="seconds to drain on SIGTERM")
+    pipeline_metrics_port: int = Field(default=9108, ge=0, le=65535, description="Prometheus; 0: off")
 
     # --- API ------------------------------------------------------------------------------------
     api_host: str = "127.0.0.1"

@@ -15,9 +15,11 @@ from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 
 from cityops.catalogue import Catalogue
+from cityops.components import Component, Services, discover
 from cityops.db.connection import connection, redact
 from cityops.db.maintenance import maintain
 from cityops.db.migrate import migrate
+from cityops.errors import CityopsError
 from cityops.services import Endpoints, resolve_services, runtime_path, write_runtime
 from cityops.settings import Settings
 
@@ -52,7 +54,7 @@ async def maintenance_loop(
             log.exception("maintenance round failed; retrying next round")
 
 
-def banner(endpoints: Endpoints, mode: str, settings: Settings) -> str:
+def banner(endpoints: Endpoints, mode: str, settings: Settings, components: list[Component]) -> str:
     def where(name: str) -> str:
         return "embedded" if name in endpoints.embedded else "configured"
 
@@ -62,6 +64,7 @@ def banner(endpoints: Endpoints, mode: str, settings: Settings) -> str:
         f"  MQTT broker ({where('mqtt')}): {endpoints.mqtt_url}"
         + (f"  (MQTT 3.1.1: {endpoints.mqtt_v311_url})" if endpoints.mqtt_v311_url else ""),
         f"  devices publish to: {settings.topic_root}/v1/<device_id>/telemetry",
+        *(f"  {c.describe(settings)}" for c in components),
         f"  maintenance: every {int(MAINTENANCE_INTERVAL_S)} s",
         f"  runtime file: {runtime_path(settings).resolve()}",
         "Press Ctrl-C to stop.",
@@ -84,23 +87,36 @@ async def run_up(
                 report = await migrate(conn, settings, catalogue)
                 await maintain(conn, settings, utc_now())
             write_runtime(settings, endpoints)
-            tasks = [
-                asyncio.create_task(
-                    maintenance_loop(endpoints.database_url, settings, stop), name="maintenance"
-                ),
+            services = Services(endpoints.database_url, endpoints.mqtt_url)
+            components = discover()
+            maintenance = asyncio.create_task(
+                maintenance_loop(endpoints.database_url, settings, stop), name="maintenance"
+            )
+            running = [
+                asyncio.create_task(c.run(settings, catalogue, services, stop), name=c.name)
+                for c in components
             ]
-            print(banner(endpoints, report.mode.value, settings), file=sys.stderr, flush=True)
+            print(banner(endpoints, report.mode.value, settings, components), file=sys.stderr, flush=True)
             try:
                 if ready is not None:
                     await ready(endpoints)
-                await stop.wait()
+                stop_wait = asyncio.ensure_future(stop.wait())
+                await asyncio.wait([stop_wait, *running], return_when=asyncio.FIRST_COMPLETED)
+                stop_wait.cancel()
             finally:
                 log.info("stopping")
                 stop.set()
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+                # Components drain by themselves once stop is set, each within its own deadline.
+                results = await asyncio.gather(*running, return_exceptions=True)
+                maintenance.cancel()
+                await asyncio.gather(maintenance, return_exceptions=True)
                 runtime_path(settings).unlink(missing_ok=True)
+            failed = [
+                (c.name, r) for c, r in zip(components, results, strict=True) if isinstance(r, BaseException)
+            ]
+            if failed:
+                name, error = failed[0]
+                raise CityopsError(f"component {name} failed: {error!r}")
     log.info("stopped")
 
 

@@ -1,0 +1,51 @@
+"""Long-running components (pipeline, API, simulator) plug into ``cityops`` by entry point.
+
+The core package imports none of them (dependencies point one way); each component package
+declares itself in the ``cityops.components`` entry-point group, and ``cityops`` discovers it: it
+becomes a subcommand (``cityops pipeline``) and a part of ``cityops up``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Protocol
+
+from cityops.catalogue import Catalogue
+from cityops.errors import ConfigError
+from cityops.settings import Settings
+
+GROUP = "cityops.components"
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    database_url: str
+    mqtt_url: str
+
+
+class Component(Protocol):
+    name: str
+    help: str
+    order: int  # start order in `cityops up`: lower first
+
+    def describe(self, settings: Settings) -> str:
+        """One banner line: what runs where."""
+        ...
+
+    async def run(
+        self, settings: Settings, catalogue: Catalogue, services: Services, stop: asyncio.Event
+    ) -> None:
+        """Run until ``stop`` is set, then shut down gracefully and return."""
+        ...
+
+
+def discover() -> list[Component]:
+    found: list[Component] = []
+    for entry in entry_points(group=GROUP):
+        component = entry.load()
+        if not all(hasattr(component, attr) for attr in ("name", "run", "describe", "order", "help")):
+            raise ConfigError(f"entry point {entry.name} in {GROUP} is not a cityops component")
+        found.append(component)
+    return sorted(found, key=lambda c: (c.order, c.name))

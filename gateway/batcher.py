@@ -1,0 +1,183 @@
+"""Messages in, batches out: topic check, registry check, decode, dead letters, status, presence."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from cityops.codec import Decoded, Decoder
+from cityops.model import RejectReason
+from cityops.topics import TopicKind, Topics
+from gateway.metrics import GatewayMetrics
+from gateway.registry import DeviceInfo, DeviceRegistry
+from gateway.session import InboundMessage
+from ingest.batch import Batch, DeadLetter, Segment, Source, StatusUpdate
+
+_STATUSES = {b"online": "online", b"offline": "offline"}
+
+
+@dataclass(slots=True)
+class PendingBatch:
+    """A batch being built, with the messages to acknowledge once it commits."""
+
+    batch: Batch = field(default_factory=Batch)
+    messages: list[InboundMessage] = field(default_factory=list)
+    unknown: list[InboundMessage] = field(default_factory=list)  # decided after a registry reload
+    started: float = field(default_factory=time.monotonic)
+
+    def __len__(self) -> int:
+        return len(self.messages) + len(self.unknown)
+
+
+class Batcher:
+    def __init__(
+        self,
+        decoder: Decoder,
+        registry: DeviceRegistry,
+        topics: Topics,
+        metrics: GatewayMetrics,
+        last_seen: dict[int, int],
+    ) -> None:
+        self._decoder = decoder
+        self._registry = registry
+        self._topics = topics
+        self._metrics = metrics
+        self._last_seen = last_seen  # device id -> latest receive time (µs); written by the presence task
+        self._telemetry_count = metrics.messages.labels("telemetry")
+        self._readings_accepted = metrics.readings_accepted
+        self.pending = PendingBatch()
+
+    def take(self) -> PendingBatch:
+        pending, self.pending = self.pending, PendingBatch()
+        return pending
+
+    def accept(self, message: InboundMessage) -> None:
+        parsed = self._topics.parse(message.topic)
+        if parsed is None:
+            self._metrics.messages.labels("other").inc()
+            self._dead_letter(message, None, RejectReason.INVALID_TOPIC, "not a cityops device topic", 0)
+            return
+        device = self._registry.get(parsed.device_id)
+        if device is None:
+            self.pending.unknown.append(message)
+            return
+        if parsed.kind is TopicKind.TELEMETRY:
+            self._telemetry_count.inc()
+            self._telemetry(message, device)
+        elif parsed.kind is TopicKind.STATUS:
+            self._metrics.messages.labels("status").inc()
+            self._status(message, device)
+        else:
+            self._metrics.messages.labels("other").inc()
+            self._dead_letter(
+                message, device.external_id, RejectReason.INVALID_TOPIC, "commands are not ingested", 0
+            )
+
+    def settle_unknown(self) -> None:
+        """After a registry reload: messages of devices still unknown become dead letters."""
+        waiting, self.pending.unknown = self.pending.unknown, []
+        for message in waiting:
+            parsed = self._topics.parse(message.topic)
+            assert parsed is not None
+            if self._registry.get(parsed.device_id) is not None:
+                self.accept(message)
+                continue
+            self._metrics.messages.labels(
+                parsed.kind.value if parsed.kind is not TopicKind.COMMAND_RESULT else "other"
+            ).inc()
+            self._dead_letter(
+                message,
+                parsed.device_id,
+                RejectReason.UNKNOWN_DEVICE,
+                f"device {parsed.device_id!r} is not registered",
+                0,
+            )
+
+    def _telemetry(self, message: InboundMessage, device: DeviceInfo) -> None:
+        if not device.enabled:
+            self._dead_letter(
+                message,
+                device.external_id,
+                RejectReason.DEVICE_DISABLED,
+                f"device {device.external_id!r} is disabled",
+                0,
+            )
+            return
+        self._last_seen[device.id] = message.received_us
+        decoded = self._decoder.decode(message.payload, message.content_type, message.received_us)
+        pending = self.pending
+        pending.messages.append(message)
+        if decoded.rows:
+            pending.batch.add_segment(Segment(device.id, decoded.rows, _source(message)))
+            self._readings_accepted.inc(len(decoded.rows))
+        if decoded.rejects:
+            self._reject_readings(message, device, decoded)
+
+    def _reject_readings(self, message: InboundMessage, device: DeviceInfo, decoded: Decoded) -> None:
+        received_at = _datetime(message.received_us)
+        for reject in decoded.rejects.values():
+            self._metrics.rejects.labels(reject.reason.value).inc(reject.count)
+            self._metrics.dead_letters.labels(reject.reason.value).inc()
+            detail = reject.detail if reject.count == 1 else f"{reject.detail} (and {reject.count - 1} more)"
+            self.pending.batch.dead_letters.append(
+                DeadLetter(
+                    topic=message.topic,
+                    device=device.external_id,
+                    reason=reject.reason.value,
+                    detail=detail,
+                    readings=reject.count,
+                    content_type=message.content_type,
+                    payload=message.payload,
+                    received_at=received_at,
+                )
+            )
+
+    def _status(self, message: InboundMessage, device: DeviceInfo) -> None:
+        payload = message.payload.strip().lower()
+        if not payload:  # a cleared retained status: nothing to record
+            self.pending.messages.append(message)
+            return
+        status = _STATUSES.get(payload)
+        if status is None:
+            self._dead_letter(
+                message,
+                device.external_id,
+                RejectReason.MALFORMED_PAYLOAD,
+                "status must be 'online' or 'offline'",
+                0,
+            )
+            return
+        self.pending.messages.append(message)
+        self.pending.batch.statuses.append(StatusUpdate(device.id, status, _datetime(message.received_us)))
+
+    def _dead_letter(
+        self, message: InboundMessage, device: str | None, reason: RejectReason, detail: str, readings: int
+    ) -> None:
+        self._metrics.rejects.labels(reason.value).inc()
+        self._metrics.dead_letters.labels(reason.value).inc()
+        self.pending.messages.append(message)
+        self.pending.batch.dead_letters.append(
+            DeadLetter(
+                topic=message.topic,
+                device=device,
+                reason=reason.value,
+                detail=detail,
+                readings=readings,
+                content_type=message.content_type,
+                payload=message.payload,
+                received_at=_datetime(message.received_us),
+            )
+        )
+
+
+def _source(message: InboundMessage) -> Source:
+    return Source(message.topic, message.payload, message.content_type, message.received_us)
+
+
+def _datetime(us: int) -> datetime:
+    return datetime.fromtimestamp(us / 1_000_000, tz=UTC)
+
+
+NowUs = Callable[[], int]

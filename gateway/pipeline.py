@@ -1,0 +1,282 @@
+"""``cityops pipeline``: gateway + ingest in one process, at least once from MQTT to the database.
+
+intake (event loop)           writer (event loop)                paho thread
+  drain the session's inbox     commit a batch (retrying)          receive, timestamp, append
+  decode, validate, batch  ──►  PUBACK its messages          ◄──   (bounded by receive_maximum)
+  flush on size or interval     note rollups
+
+At most one built batch waits for the writer: when the database is slow the intake stops draining,
+the inbox fills to the in-flight bound, and the broker holds everything else.
+
+Shutdown (SIGTERM/SIGINT or ``stop``): the intake stops taking messages and hands over its last
+batch; the writer commits and acknowledges what it holds, within ``shutdown_timeout``; then the
+session disconnects (the broker keeps it, with anything unacknowledged) and the helpers finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, start_http_server
+
+from cityops.catalogue import Catalogue
+from cityops.codec import Decoder
+from cityops.components import Services
+from cityops.db.connection import connection
+from cityops.db.migrate import recorded_mode
+from cityops.errors import MigrationError
+from cityops.settings import Settings, StorageMode
+from cityops.topics import Topics
+from gateway.batcher import Batcher, PendingBatch
+from gateway.metrics import GatewayMetrics
+from gateway.presence import run_presence_writer
+from gateway.registry import DeviceRegistry
+from gateway.session import MqttSession
+from ingest.metrics import IngestMetrics
+from ingest.rollups import RollupTracker, run_rollup_refresher
+from ingest.writer import BatchWriter
+
+log = logging.getLogger(__name__)
+
+
+def wall_clock_us() -> int:
+    return time.time_ns() // 1000
+
+
+@dataclass
+class Pipeline:
+    """One pipeline; :meth:`run` owns every resource it opens."""
+
+    settings: Settings
+    catalogue: Catalogue
+    services: Services
+    now_us: Callable[[], int] = wall_clock_us
+    metrics_registry: CollectorRegistry | None = None
+
+    def __post_init__(self) -> None:
+        self.registry = self.metrics_registry or CollectorRegistry()
+        self.gateway_metrics = GatewayMetrics(self.registry)
+        self.ingest_metrics = IngestMetrics(self.registry)
+        self.last_seen: dict[int, int] = {}
+        self.tracker = RollupTracker()
+        self._closing = False
+
+    async def run(self, stop: asyncio.Event, ready: Callable[[], Awaitable[None]] | None = None) -> None:
+        s = self.settings
+        mode = await self._storage_mode()
+        devices = DeviceRegistry(self.services.database_url, self.gateway_metrics)
+        await devices.load()
+        session = MqttSession(s, self.services.mqtt_url, self.gateway_metrics, self.now_us)
+        self.session = session
+        self.gateway_metrics.inflight.set_function(lambda: session.inflight)
+        writer = BatchWriter(self.services.database_url, mode, self.ingest_metrics)
+        batcher = Batcher(
+            Decoder(self.catalogue, s.max_clock_skew),
+            devices,
+            Topics(s.topic_root),
+            self.gateway_metrics,
+            self.last_seen,
+        )
+        queue: asyncio.Queue[PendingBatch | None] = asyncio.Queue(maxsize=1)
+        helpers_stop = asyncio.Event()
+        helpers = [
+            asyncio.create_task(devices.follow_changes(helpers_stop), name="registry-listener"),
+            asyncio.create_task(
+                run_presence_writer(
+                    self.services.database_url, self.last_seen, helpers_stop, interval_s=s.presence_interval
+                ),
+                name="presence-writer",
+            ),
+            asyncio.create_task(
+                run_rollup_refresher(
+                    self.services.database_url,
+                    mode,
+                    self.tracker,
+                    self.ingest_metrics,
+                    helpers_stop,
+                    interval_s=s.rollup_interval,
+                    clock=_utc_now,
+                ),
+                name="rollup-refresher",
+            ),
+        ]
+        metrics_server = self._serve_metrics()
+        await session.start()
+        intake = asyncio.create_task(self._intake(session, batcher, devices, queue, stop), name="intake")
+        committer = asyncio.create_task(self._commit_loop(session, writer, queue), name="writer")
+        log.info(
+            "pipeline running",
+            extra={"storage": mode.value, "devices": len(devices), "receive_maximum": s.receive_maximum},
+        )
+        try:
+            if ready is not None:
+                await ready()
+            stop_wait = asyncio.ensure_future(stop.wait())
+            await asyncio.wait([stop_wait, intake, committer], return_when=asyncio.FIRST_COMPLETED)
+            stop_wait.cancel()
+        finally:
+            await self._shutdown(session, writer, intake, committer, helpers, helpers_stop, stop)
+            if metrics_server is not None:
+                metrics_server.shutdown()
+        for task in (intake, committer):
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+
+    async def _storage_mode(self) -> StorageMode:
+        async with connection(self.services.database_url) as conn:
+            mode = await recorded_mode(conn)
+        if mode is None:
+            raise MigrationError("the database is not migrated: run `cityops db migrate` first")
+        return mode
+
+    def _serve_metrics(self) -> WSGIServer | None:
+        port = self.settings.pipeline_metrics_port
+        if not port:
+            return None
+        server, _thread = start_http_server(port, addr=self.settings.api_host, registry=self.registry)
+        log.info("pipeline metrics", extra={"url": f"http://{self.settings.api_host}:{port}/metrics"})
+        return server
+
+    # --- intake ----------------------------------------------------------------------------------
+    async def _intake(
+        self,
+        session: MqttSession,
+        batcher: Batcher,
+        devices: DeviceRegistry,
+        queue: asyncio.Queue[PendingBatch | None],
+        stop: asyncio.Event,
+    ) -> None:
+        s = self.settings
+        inbox, has_mail = session.inbox, session.has_mail
+        # Flush at half the in-flight bound, so the broker keeps sending while a batch commits.
+        max_messages = max(1, s.receive_maximum // 2)
+        max_rows, interval = s.batch_max_rows, s.batch_interval
+        first_at = 0.0
+        wake_on_stop = asyncio.ensure_future(_set_on(stop, has_mail))
+        try:
+            while not stop.is_set():
+                pending = batcher.pending
+                if not inbox:
+                    has_mail.clear()
+                    if not inbox:
+                        timeout = max(0.0, first_at + interval - time.monotonic()) if len(pending) else None
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(has_mail.wait(), timeout)
+                if stop.is_set():
+                    break
+                while inbox and len(pending) < max_messages and pending.batch.rows < max_rows:
+                    if not len(pending):
+                        first_at = time.monotonic()
+                    batcher.accept(inbox.popleft())
+                full = len(pending) >= max_messages or pending.batch.rows >= max_rows
+                if len(pending) and (full or time.monotonic() - first_at >= interval):
+                    await self._hand_over(batcher, devices, queue)
+            if len(batcher.pending):
+                await self._hand_over(batcher, devices, queue)
+        finally:
+            wake_on_stop.cancel()
+            await queue.put(None)
+
+    async def _hand_over(
+        self, batcher: Batcher, devices: DeviceRegistry, queue: asyncio.Queue[PendingBatch | None]
+    ) -> None:
+        if batcher.pending.unknown:
+            await devices.reload_for_miss()
+            batcher.settle_unknown()
+        pending = batcher.take()
+        self.gateway_metrics.batches_waiting.set(queue.qsize() + 1)
+        await queue.put(pending)
+
+    # --- writer ----------------------------------------------------------------------------------
+    async def _commit_loop(
+        self, session: MqttSession, writer: BatchWriter, queue: asyncio.Queue[PendingBatch | None]
+    ) -> None:
+        while True:
+            pending = await queue.get()
+            self.gateway_metrics.batches_waiting.set(queue.qsize())
+            if pending is None:
+                return
+            result = await writer.write(pending.batch)
+            session.ack(pending.messages)
+            if pending.messages:
+                oldest = min(m.received_us for m in pending.messages[:1])
+                self.gateway_metrics.ack_lag.observe(max(0.0, (self.now_us() - oldest) / 1_000_000))
+            self.ingest_metrics.batch_rows.observe(result.rows_offered)
+            self.tracker.note(result)
+
+    # --- shutdown --------------------------------------------------------------------------------
+    async def _shutdown(
+        self,
+        session: MqttSession,
+        writer: BatchWriter,
+        intake: asyncio.Task[None],
+        committer: asyncio.Task[None],
+        helpers: list[asyncio.Task[None]],
+        helpers_stop: asyncio.Event,
+        stop: asyncio.Event,
+    ) -> None:
+        stop.set()
+        deadline = self.settings.shutdown_timeout
+        started = time.monotonic()
+        log.info("pipeline stopping: no new messages; committing what is held")
+        try:
+            await asyncio.wait_for(asyncio.gather(intake, committer), deadline)
+        except TimeoutError:
+            log.warning(
+                "shutdown deadline passed with batches uncommitted; the broker redelivers them",
+                extra={"deadline_s": deadline},
+            )
+        except Exception:
+            log.exception("pipeline task failed")
+        for task in (intake, committer):
+            task.cancel()
+        await asyncio.gather(intake, committer, return_exceptions=True)
+        await session.stop()
+        helpers_stop.set()
+        remaining = max(1.0, deadline - (time.monotonic() - started))
+        _done, pending = await asyncio.wait(helpers, timeout=remaining)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*helpers, return_exceptions=True)
+        await writer.close()
+        log.info("pipeline stopped", extra={"seconds": round(time.monotonic() - started, 2)})
+
+
+async def _set_on(source: asyncio.Event, target: asyncio.Event) -> None:
+    await source.wait()
+    target.set()
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class PipelineComponent:
+    """The pipeline as a ``cityops`` component: ``cityops pipeline``, and part of ``cityops up``."""
+
+    name = "pipeline"
+    help = "MQTT gateway + ingest: store every reading, acknowledge after commit"
+    order = 10
+
+    def describe(self, settings: Settings) -> str:
+        metrics = (
+            f", metrics http://{settings.api_host}:{settings.pipeline_metrics_port}/metrics"
+            if settings.pipeline_metrics_port
+            else ""
+        )
+        return f"pipeline: $share/{settings.subscription_group}/{settings.topic_root}/v1/+/telemetry{metrics}"
+
+    async def run(
+        self, settings: Settings, catalogue: Catalogue, services: Services, stop: asyncio.Event
+    ) -> None:
+        await Pipeline(settings, catalogue, services).run(stop)
+
+
+component = PipelineComponent()

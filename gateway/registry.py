@@ -1,0 +1,104 @@
+"""The in-memory device registry of a pipeline, reloaded when the devices table changes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+import psycopg
+
+from cityops.db.connection import AsyncConn, connect
+from gateway.metrics import GatewayMetrics
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "cityops_devices"
+# A burst of registry edits (a fleet import) becomes one reload after this quiet period.
+RELOAD_DEBOUNCE_S = 0.2
+# A device unknown to the cache triggers a reload at most this often: a misconfigured device
+# publishing fast must not turn into a query per message.
+MISS_RELOAD_MIN_INTERVAL_S = 1.0
+LISTEN_RETRY_S = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceInfo:
+    id: int
+    external_id: str
+    tenant: str
+    kind: str
+    district: str | None
+    enabled: bool
+
+
+class DeviceRegistry:
+    def __init__(self, database_url: str, metrics: GatewayMetrics) -> None:
+        self._url = database_url
+        self._metrics = metrics
+        self._devices: dict[str, DeviceInfo] = {}
+        self._miss_reload_at = float("-inf")
+
+    def get(self, external_id: str) -> DeviceInfo | None:
+        return self._devices.get(external_id)
+
+    def __len__(self) -> int:
+        return len(self._devices)
+
+    async def load(self, conn: AsyncConn | None = None) -> None:
+        if conn is None:
+            conn = await connect(self._url)
+            try:
+                await self._load(conn)
+            finally:
+                await conn.close()
+        else:
+            await self._load(conn)
+
+    async def _load(self, conn: AsyncConn) -> None:
+        cursor = await conn.execute("SELECT id, external_id, tenant, kind, district, enabled FROM devices")
+        self._devices = {row[1]: DeviceInfo(*row) for row in await cursor.fetchall()}
+        self._metrics.devices_known.set(len(self._devices))
+
+    async def reload_for_miss(self) -> bool:
+        """Reload unless a miss reloaded very recently; True when it reloaded."""
+        if time.monotonic() - self._miss_reload_at < MISS_RELOAD_MIN_INTERVAL_S:
+            return False
+        self._miss_reload_at = time.monotonic()
+        try:
+            await self.load()
+        except (psycopg.Error, OSError) as exc:
+            log.warning("registry reload failed", extra={"error": str(exc)[:200]})
+            return False
+        return True
+
+    async def follow_changes(self, stop: asyncio.Event) -> None:
+        """LISTEN for device changes and reload; reconnects when the connection drops."""
+        while not stop.is_set():
+            try:
+                conn = await connect(self._url, autocommit=True)
+            except Exception as exc:
+                log.warning("registry listener cannot connect", extra={"error": str(exc)[:200]})
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), LISTEN_RETRY_S)
+                continue
+            try:
+                await conn.execute(f"LISTEN {CHANNEL}")
+                await self._load(conn)  # changes made before LISTEN took effect are not missed
+                await self._listen(conn, stop)
+            except psycopg.Error as exc:
+                log.warning("registry listener lost its connection", extra={"error": str(exc)[:200]})
+            finally:
+                await conn.close()
+
+    async def _listen(self, conn: AsyncConn, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            changed = False
+            async for _ in conn.notifies(timeout=1.0, stop_after=1):
+                changed = True
+            if changed:
+                async for _ in conn.notifies(timeout=RELOAD_DEBOUNCE_S):
+                    pass  # the rest of a burst: one reload covers it
+                await self._load(conn)

@@ -1,0 +1,70 @@
+"""What the gateway hands to the writer: readings grouped by source message, and dead letters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from cityops.model import Row
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """The message a segment came from; kept so that a permanent data error can dead-letter it."""
+
+    topic: str
+    payload: bytes
+    content_type: str | None
+    received_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    topic: str
+    device: str | None
+    reason: str
+    detail: str
+    readings: int
+    content_type: str | None
+    payload: bytes
+    received_at: datetime
+
+
+@dataclass(slots=True)
+class Segment:
+    """The rows of one message of one device."""
+
+    device_id: int
+    rows: list[Row]
+    source: Source
+
+
+@dataclass(frozen=True, slots=True)
+class StatusUpdate:
+    device_id: int
+    status: str  # online | offline
+    at: datetime
+
+
+@dataclass(slots=True)
+class Batch:
+    """One transaction's worth of work; committed whole, then its messages are acknowledged."""
+
+    segments: list[Segment] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    statuses: list[StatusUpdate] = field(default_factory=list)
+    rows: int = 0
+
+    def add_segment(self, segment: Segment) -> None:
+        self.segments.append(segment)
+        self.rows += len(segment.rows)
+
+    def __bool__(self) -> bool:
+        return bool(self.segments or self.dead_letters or self.statuses)
+
+    def time_range_us(self) -> tuple[int, int] | None:
+        """Earliest and latest reading time, in epoch microseconds (rows compare by time first)."""
+        lows = [min(s.rows)[0] for s in self.segments if s.rows]
+        if not lows:
+            return None
+        return min(lows), max(max(s.rows)[0] for s in self.segments if s.rows)
