@@ -14,14 +14,14 @@ import orjson
 
 from cityops import __version__
 from cityops.catalogue import Catalogue, load_default_catalogue
-from cityops.components import Component, Services, discover
+from cityops.components import Component, discover
 from cityops.db.connection import connection, redact
 from cityops.db.maintenance import maintain
 from cityops.db.migrate import migrate, status
 from cityops.errors import CityopsError, ConfigError
 from cityops.logs import configure_logging
 from cityops.registry import FileFormat, import_fleet, list_devices, parse_fleet
-from cityops.services import database_url, mqtt_url
+from cityops.services import configured_services, database_url
 from cityops.settings import Settings, load_settings
 from cityops.up import run_up, utc_now
 
@@ -150,7 +150,7 @@ async def _db_maintain(settings: Settings, catalogue: Catalogue) -> int:
 
 async def _run_component(component: Component, settings: Settings, catalogue: Catalogue) -> int:
     """One component on its own, against configured services (or those of a running `cityops up`)."""
-    services = Services(database_url(settings), mqtt_url(settings))
+    services = configured_services(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -23,6 +23,9 @@ GROUP = "cityops.components"
 class Services:
     database_url: str
     mqtt_url: str
+    # The embedded broker (rumqttd) cannot keep a persistent session on a shared subscription, and
+    # runs one pipeline anyway: components subscribe without ``$share`` there.
+    shared_subscriptions: bool = True
 
 
 class Component(Protocol):

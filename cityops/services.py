@@ -15,6 +15,7 @@ from pathlib import Path
 
 import orjson
 
+from cityops.components import Services
 from cityops.db.connection import reachable, redact
 from cityops.embedded import EmbeddedBroker, EmbeddedPostgres, port_open
 from cityops.errors import ConfigError
@@ -30,6 +31,10 @@ class Endpoints:
     mqtt_url: str
     mqtt_v311_url: str | None = None
     embedded: list[str] = field(default_factory=list)
+
+    @property
+    def services(self) -> Services:
+        return Services(self.database_url, self.mqtt_url, shared_subscriptions="mqtt" not in self.embedded)
 
 
 def runtime_path(settings: Settings) -> Path:
@@ -76,6 +81,13 @@ def mqtt_url(settings: Settings) -> str:
         "CITYOPS_MQTT_URL is not set and no `cityops up` is running in "
         f"{settings.data_dir.resolve()}: set it, or start `cityops up` first"
     )
+
+
+def configured_services(settings: Settings) -> Services:
+    """Configured services, completed from a running ``cityops up`` where a URL is unset."""
+    runtime = read_runtime(settings)
+    embedded_broker = settings.mqtt_url is None and runtime is not None and "mqtt" in runtime.embedded
+    return Services(database_url(settings), mqtt_url(settings), shared_subscriptions=not embedded_broker)
 
 
 def mqtt_reachable(url: str) -> bool:

@@ -121,7 +121,11 @@ class Settings(BaseSettings):
         pattern=r"^[A-Za-z0-9_.-]{1,64}$",
         description="first topic level; tests and shared brokers use their own",
     )
-    subscription_group: str = Field(default="cityops", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    subscription_group: str = Field(
+        default="cityops",
+        pattern=r"^[A-Za-z0-9_.-]{0,64}$",
+        description="shared-subscription group of the pipelines; empty: a plain subscription (one pipeline)",
+    )
     receive_maximum: int = Field(
         default=20_000,
         ge=1,

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 
 from cityops.catalogue import Catalogue
-from cityops.components import Component, Services, discover
+from cityops.components import Component, discover
 from cityops.db.connection import connection, redact
 from cityops.db.maintenance import maintain
 from cityops.db.migrate import migrate
@@ -87,7 +87,7 @@ async def run_up(
                 report = await migrate(conn, settings, catalogue)
                 await maintain(conn, settings, utc_now())
             write_runtime(settings, endpoints)
-            services = Services(endpoints.database_url, endpoints.mqtt_url)
+            services = endpoints.services
             components = discover()
             maintenance = asyncio.create_task(
                 maintenance_loop(endpoints.database_url, settings, stop), name="maintenance"

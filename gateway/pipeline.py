@@ -73,7 +73,13 @@ class Pipeline:
         mode = await self._storage_mode()
         devices = DeviceRegistry(self.services.database_url, self.gateway_metrics)
         await devices.load()
-        session = MqttSession(s, self.services.mqtt_url, self.gateway_metrics, self.now_us)
+        session = MqttSession(
+            s,
+            self.services.mqtt_url,
+            self.gateway_metrics,
+            self.now_us,
+            shared=self.services.shared_subscriptions,
+        )
         self.session = session
         self.gateway_metrics.inflight.set_function(lambda: session.inflight)
         writer = BatchWriter(self.services.database_url, mode, self.ingest_metrics)

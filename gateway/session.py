@@ -54,9 +54,12 @@ class InboundMessage:
 class MqttSession:
     """Connect, subscribe, deliver into :attr:`inbox`, acknowledge; reconnects by itself."""
 
-    def __init__(self, settings: Settings, url: str, metrics: GatewayMetrics, now_us: NowUs) -> None:
+    def __init__(
+        self, settings: Settings, url: str, metrics: GatewayMetrics, now_us: NowUs, *, shared: bool = True
+    ) -> None:
         self._settings = settings
         self._endpoint = MqttEndpoint.parse(url)
+        self._group = (settings.subscription_group or None) if shared else None
         self._metrics = metrics
         self._now_us = now_us
         self._topics = Topics(settings.topic_root)
@@ -171,7 +174,7 @@ class MqttSession:
             log.warning("broker refused the connection", extra={"reason": str(reason)})
             return
         self._generation += 1
-        group = self._settings.subscription_group
+        group = self._group
         # Telemetry is shared across the pipelines of the group; status is retained and idempotent,
         # so every pipeline takes it (retained messages are not sent to shared subscriptions).
         client.subscribe([(self._topics.telemetry_filter(group), 1), (self._topics.status_filter(), 1)])

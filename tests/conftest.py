@@ -79,6 +79,7 @@ def postgres_admin_url(test_env: TestEnvironment, request: pytest.FixtureRequest
 class MqttServer:
     url: str  # speaks MQTT 5 (and 3.1.1 when it is the same listener)
     url_v311: str
+    shared_subscriptions: bool = True  # False for the embedded broker (see cityops.components.Services)
 
 
 @pytest.fixture(scope="session")
@@ -89,7 +90,7 @@ def mqtt_server(test_env: TestEnvironment, tmp_path_factory: pytest.TempPathFact
         yield MqttServer(LOCAL_MQTT, LOCAL_MQTT)
     else:
         with EmbeddedBroker(tmp_path_factory.mktemp("embedded-mqtt")) as broker:
-            yield MqttServer(broker.url, broker.url_v311)
+            yield MqttServer(broker.url, broker.url_v311, shared_subscriptions=False)
 
 
 @pytest.fixture(scope="session")

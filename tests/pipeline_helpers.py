@@ -19,6 +19,7 @@ from cityops.model import DeviceSpec
 from cityops.registry import import_fleet
 from cityops.settings import Settings
 from gateway.pipeline import Pipeline
+from tests.conftest import MqttServer
 
 FLEET = [
     DeviceSpec(external_id="aq-1", tenant="environment", kind="air_station", name="Air 1", district="yuexiu"),
@@ -34,12 +35,15 @@ async def register_fleet(conn: AsyncConn, fleet: list[DeviceSpec] | None = None)
     return {row[0]: row[1] for row in await cur.fetchall()}
 
 
-def pipeline_settings(database_url: str, mqtt_url: str, topic_root: str, tmp: Path, **overrides: object) -> Settings:
+def pipeline_settings(
+    database_url: str, mqtt: MqttServer, topic_root: str, tmp: Path, **overrides: object
+) -> Settings:
     values: dict[str, object] = {
         "database_url": database_url,
-        "mqtt_url": mqtt_url,
+        "mqtt_url": mqtt.url,
         "topic_root": topic_root,
-        "subscription_group": f"g{topic_root}",
+        # The embedded broker cannot hold a persistent shared subscription: one plain subscriber there.
+        "subscription_group": f"g{topic_root}" if mqtt.shared_subscriptions else "",
         "mqtt_client_id": f"pipeline-{topic_root}",
         "pipeline_metrics_port": 0,
         "batch_interval": 0.05,
@@ -83,9 +87,19 @@ async def running_pipeline(settings: Settings, catalogue: Catalogue) -> AsyncIte
 
 def pipeline_env(settings: Settings) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CITYOPS_")}
-    for field in ("database_url", "mqtt_url", "topic_root", "subscription_group", "mqtt_client_id",
-                  "batch_interval", "pipeline_metrics_port", "data_dir", "receive_maximum", "rollup_interval",
-                  "shutdown_timeout"):
+    for field in (
+        "database_url",
+        "mqtt_url",
+        "topic_root",
+        "subscription_group",
+        "mqtt_client_id",
+        "batch_interval",
+        "pipeline_metrics_port",
+        "data_dir",
+        "receive_maximum",
+        "rollup_interval",
+        "shutdown_timeout",
+    ):
         env[f"CITYOPS_{field.upper()}"] = str(getattr(settings, field))
     env["CITYOPS_LOG_FORMAT"] = "json"
     return env
@@ -93,8 +107,12 @@ def pipeline_env(settings: Settings) -> dict[str, str]:
 
 def spawn_pipeline(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
     log = log_path.open("ab")
-    return subprocess.Popen([sys.executable, "-m", "cityops", "pipeline"], env=pipeline_env(settings),
-                            stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "cityops", "pipeline"],
+        env=pipeline_env(settings),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def unique_root() -> str:

@@ -15,6 +15,7 @@ from cityops.codec import Encoding, encode_batch, encode_compact, encode_values
 from cityops.db.connection import AsyncConn
 from cityops.model import Quality
 from cityops.topics import Topics
+from tests.conftest import MqttServer
 from tests.mqtt_helpers import publish, publisher
 from tests.pipeline_helpers import pipeline_settings, register_fleet, running_pipeline
 from tests.waiting import eventually
@@ -45,21 +46,40 @@ async def pipeline_conn(migrated_conn: AsyncConn) -> AsyncConn:
 
 
 async def test_every_shape_is_stored_exactly(
-    pipeline_conn: AsyncConn, database_url: str, mqtt_url: str, topic_root: str, tmp_path: Path, catalogue: Catalogue
+    pipeline_conn: AsyncConn,
+    database_url: str,
+    mqtt_server: MqttServer,
+    topic_root: str,
+    tmp_path: Path,
+    catalogue: Catalogue,
 ) -> None:
-    settings = pipeline_settings(database_url, mqtt_url, topic_root, tmp_path)
+    settings = pipeline_settings(database_url, mqtt_server, topic_root, tmp_path)
     topics = Topics(topic_root)
     async with running_pipeline(settings, catalogue):
-        with publisher(mqtt_url) as client:
-            publish(client, topics.telemetry("aq-1"), encode_values({"pm25": 35.2, "pm10": 61}, TS, seq=1),
-                    "application/json")
-            publish(client, topics.telemetry("aq-1"), encode_batch([(TS + 1000, {"o3": 120.5}), (TS + 2000, {"o3": 121})],
-                                                                  encoding=Encoding.MSGPACK))
+        with publisher(mqtt_server.url) as client:
+            publish(
+                client,
+                topics.telemetry("aq-1"),
+                encode_values({"pm25": 35.2, "pm10": 61}, TS, seq=1),
+                "application/json",
+            )
+            publish(
+                client,
+                topics.telemetry("aq-1"),
+                encode_batch(
+                    [(TS + 1000, {"o3": 120.5}), (TS + 2000, {"o3": 121})], encoding=Encoding.MSGPACK
+                ),
+            )
             publish(client, topics.telemetry("aq-2"), encode_compact([(TS, "no2", 40), (TS + 1, "so2", 9.5)]))
             publish(client, topics.telemetry("pd-1"), b'[[%d, "ponding_depth", 400]]' % TS)  # out of range
-            publish(client, topics.telemetry("pd-1"), orjson.dumps(
-                {"ts": RFC3339_TS, "values": {"battery_level": 0.8}}))
-            publish(client, topics.telemetry("aq-2"), encode_values({"relative_humidity": 0.5}))  # receive time
+            publish(
+                client,
+                topics.telemetry("pd-1"),
+                orjson.dumps({"ts": RFC3339_TS, "values": {"battery_level": 0.8}}),
+            )
+            publish(
+                client, topics.telemetry("aq-2"), encode_values({"relative_humidity": 0.5})
+            )  # receive time
 
         async def all_stored() -> list[tuple[object, ...]]:
             got = await rows(pipeline_conn)
@@ -95,12 +115,17 @@ REJECTS = [
 
 
 async def test_every_reject_reason_lands_in_dead_letters(
-    pipeline_conn: AsyncConn, database_url: str, mqtt_url: str, topic_root: str, tmp_path: Path, catalogue: Catalogue
+    pipeline_conn: AsyncConn,
+    database_url: str,
+    mqtt_server: MqttServer,
+    topic_root: str,
+    tmp_path: Path,
+    catalogue: Catalogue,
 ) -> None:
-    settings = pipeline_settings(database_url, mqtt_url, topic_root, tmp_path)
+    settings = pipeline_settings(database_url, mqtt_server, topic_root, tmp_path)
     topics = Topics(topic_root)
     async with running_pipeline(settings, catalogue) as running:
-        with publisher(mqtt_url) as client:
+        with publisher(mqtt_server.url) as client:
             for device, payload, _ in REJECTS:
                 publish(client, topics.telemetry(device), payload)
             publish(client, topics.telemetry("aq-1"), b"{}", "text/csv")
@@ -117,8 +142,9 @@ async def test_every_reject_reason_lands_in_dead_letters(
         letters = await eventually(all_dead)
         counted = running.pipeline.gateway_metrics.dead_letters
     reasons = [reason for reason, *_ in letters]
-    assert sorted(reasons) == sorted([r for *_, r in REJECTS] + ["unsupported_content_type", "malformed_payload",
-                                                                 "unknown_metric"])
+    assert sorted(reasons) == sorted(
+        [r for *_, r in REJECTS] + ["unsupported_content_type", "malformed_payload", "unknown_metric"]
+    )
     for device, payload, reason in REJECTS:
         assert (reason, device, payload) in [(r, d, bytes(p)) for r, d, _, p in letters]
     for reason in set(reasons):
@@ -127,35 +153,52 @@ async def test_every_reject_reason_lands_in_dead_letters(
 
 
 async def test_status_and_presence_are_recorded(
-    pipeline_conn: AsyncConn, database_url: str, mqtt_url: str, topic_root: str, tmp_path: Path, catalogue: Catalogue
+    pipeline_conn: AsyncConn,
+    database_url: str,
+    mqtt_server: MqttServer,
+    topic_root: str,
+    tmp_path: Path,
+    catalogue: Catalogue,
 ) -> None:
-    settings = pipeline_settings(database_url, mqtt_url, topic_root, tmp_path)
+    settings = pipeline_settings(database_url, mqtt_server, topic_root, tmp_path)
     topics = Topics(topic_root)
     async with running_pipeline(settings, catalogue):
-        with publisher(mqtt_url) as client:
+        with publisher(mqtt_server.url) as client:
             publish(client, topics.status("aq-1"), b"online")
             publish(client, topics.telemetry("aq-2"), encode_values({"pm25": 3}, TS))
             publish(client, topics.status("pd-1"), b"offline")
 
         async def recorded() -> None:
             cur = await pipeline_conn.execute(
-                "SELECT external_id, status, last_seen IS NOT NULL FROM devices ORDER BY external_id")
-            assert await cur.fetchall() == [("aq-1", "online", False), ("aq-2", None, True),
-                                            ("off-1", None, False), ("pd-1", "offline", False)]
+                "SELECT external_id, status, last_seen IS NOT NULL FROM devices ORDER BY external_id"
+            )
+            assert await cur.fetchall() == [
+                ("aq-1", "online", False),
+                ("aq-2", None, True),
+                ("off-1", None, False),
+                ("pd-1", "offline", False),
+            ]
 
         await eventually(recorded)
 
 
 async def test_a_device_registered_while_running_is_accepted(
-    pipeline_conn: AsyncConn, database_url: str, mqtt_url: str, topic_root: str, tmp_path: Path, catalogue: Catalogue
+    pipeline_conn: AsyncConn,
+    database_url: str,
+    mqtt_server: MqttServer,
+    topic_root: str,
+    tmp_path: Path,
+    catalogue: Catalogue,
 ) -> None:
     from cityops.model import DeviceSpec
-    settings = pipeline_settings(database_url, mqtt_url, topic_root, tmp_path)
+
+    settings = pipeline_settings(database_url, mqtt_server, topic_root, tmp_path)
     topics = Topics(topic_root)
     async with running_pipeline(settings, catalogue):
-        await register_fleet(pipeline_conn, [DeviceSpec(external_id="new-1", tenant="gas", kind="gas_detector",
-                                                        name="New")])
-        with publisher(mqtt_url) as client:
+        await register_fleet(
+            pipeline_conn, [DeviceSpec(external_id="new-1", tenant="gas", kind="gas_detector", name="New")]
+        )
+        with publisher(mqtt_server.url) as client:
             publish(client, topics.telemetry("new-1"), encode_values({"combustible_gas_lel": 3}, TS))
 
         async def stored() -> None:
