@@ -53,6 +53,7 @@ class EmbeddedPostgres:
         self.pgdata = self.directory / "data"
         self.database = database
         self.port: int | None = None
+        self._last_port: int | None = None
         self._started_here = False
 
     @property
@@ -94,7 +95,8 @@ class EmbeddedPostgres:
                     "UTF8",
                     "--locale=C",
                 )
-            port = free_port()
+            # A restart keeps its port, so clients that reconnect by URL find the server again.
+            port = self._last_port or free_port()
             options = " ".join((f"-h 127.0.0.1 -p {port} -k ''", *POSTGRES_OPTIONS))
             self._run(
                 user,
@@ -110,7 +112,7 @@ class EmbeddedPostgres:
                 options,
                 "start",
             )
-            self.port = port
+            self.port = self._last_port = port
             self._started_here = True
         self._ensure_database()
         return self

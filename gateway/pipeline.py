@@ -184,6 +184,12 @@ class Pipeline:
                 full = len(pending) >= max_messages or pending.batch.rows >= max_rows
                 if len(pending) and (full or time.monotonic() - first_at >= interval):
                     await self._hand_over(batcher, devices, queue)
+            # Stopping: what was received before the stop is committed and acknowledged (a bounded
+            # amount: the in-flight limit); whatever arrives later stays unacknowledged for redelivery.
+            for _ in range(len(inbox)):
+                batcher.accept(inbox.popleft())
+                if len(batcher.pending) >= max_messages or batcher.pending.batch.rows >= max_rows:
+                    await self._hand_over(batcher, devices, queue)
             if len(batcher.pending):
                 await self._hand_over(batcher, devices, queue)
         finally:

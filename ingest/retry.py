@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import psycopg
 
+from cityops.errors import DatabaseError
+
 # SQLSTATE classes and codes that say "try again later", not "this data is wrong".
 TRANSIENT_CLASSES = ("08", "53", "57P")  # connection exception, insufficient resources, operator intervention
 TRANSIENT_CODES = frozenset(
@@ -15,6 +17,8 @@ TRANSIENT_CODES = frozenset(
 
 
 def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, DatabaseError) and exc.__cause__ is not None:
+        return is_transient(exc.__cause__)  # our translation of a driver error: judge the original
     if isinstance(exc, psycopg.errors.QueryCanceled):
         return False  # statement_timeout: the same batch would time out again
     if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):

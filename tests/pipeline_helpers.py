@@ -20,6 +20,7 @@ from cityops.registry import import_fleet
 from cityops.settings import Settings
 from gateway.pipeline import Pipeline
 from tests.conftest import MqttServer
+from tests.waiting import eventually
 
 FLEET = [
     DeviceSpec(external_id="aq-1", tenant="environment", kind="air_station", name="Air 1", district="yuexiu"),
@@ -117,3 +118,13 @@ def spawn_pipeline(settings: Settings, log_path: Path) -> subprocess.Popen[bytes
 
 def unique_root() -> str:
     return f"t{uuid.uuid4().hex[:12]}"
+
+
+async def wait_running(log: Path, times: int = 1) -> None:
+    """Until the child pipeline has subscribed (``times`` counts restarts writing to the same log)."""
+
+    async def subscribed() -> None:
+        text = await asyncio.to_thread(lambda: log.read_text() if log.exists() else "")
+        assert text.count("pipeline running") >= times, text[-2000:]
+
+    await eventually(subscribed, deadline_s=30)
