@@ -17,7 +17,7 @@ import pytest
 from cityops.catalogue import Catalogue
 from cityops.db.connection import AsyncConn, connect
 from cityops.db.maintenance import maintain
-from cityops.db.migrate import migrate, status
+from cityops.db.migrate import migrate, migration_files, status
 from cityops.errors import DatabaseError
 from cityops.settings import Settings, StorageMode
 from tests.waiting import eventually
@@ -72,7 +72,9 @@ async def test_timescale_migration_is_idempotent_with_policies(
     settings = settings_for(timescale_url)
     first = await migrate(ts_conn, settings, catalogue)
     assert first.mode is StorageMode.TIMESCALE
-    assert [a.split(" ")[0] for a in first.applied] == ["0001_core", "0002_readings"]
+    assert [a.split(" ")[0] for a in first.applied] == [
+        f"{m.version:04d}_{m.name}" for m in migration_files(StorageMode.TIMESCALE)
+    ]
     assert len(first.policies_changed) == 4
     cur = await ts_conn.execute(
         "SELECT hypertable_name, compression_enabled FROM timescaledb_information.hypertables "

@@ -8,17 +8,26 @@ from pathlib import Path
 import psycopg
 
 from cityops.catalogue import Catalogue
+from cityops.db.migrate import migration_files
 from cityops.embedded import port_open
 from cityops.services import Endpoints, read_runtime
-from cityops.settings import MqttEndpoint, Settings
+from cityops.settings import MqttEndpoint, Settings, StorageMode
 from cityops.up import run_up
 from tests.mqtt_helpers import collect, publish, publisher, subscriber
 
 
 async def test_up_with_configured_services(
-    database_url: str, mqtt_url: str, tmp_path: Path, catalogue: Catalogue
+    database_url: str, mqtt_url: str, topic_root: str, tmp_path: Path, catalogue: Catalogue
 ) -> None:
-    settings = Settings(database_url=database_url, mqtt_url=mqtt_url, data_dir=tmp_path / "state")
+    settings = Settings(
+        database_url=database_url,
+        mqtt_url=mqtt_url,
+        data_dir=tmp_path / "state",
+        topic_root=topic_root,
+        mqtt_client_id=f"up-{topic_root}",
+        subscription_group=topic_root,
+        pipeline_metrics_port=0,
+    )
     stop = asyncio.Event()
     seen: list[Endpoints] = []
 
@@ -26,7 +35,9 @@ async def test_up_with_configured_services(
         seen.append(endpoints)
         assert read_runtime(settings) == endpoints
         with psycopg.connect(database_url) as conn:
-            assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone() == (2,)
+            assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone() == (
+                len(migration_files(StorageMode.NATIVE)),
+            )
             assert conn.execute(
                 "SELECT count(*) FROM pg_inherits WHERE inhparent = 'readings'::regclass"
             ).fetchone() != (0,)
@@ -38,7 +49,7 @@ async def test_up_with_configured_services(
 
 
 async def test_up_starts_and_stops_embedded_services(tmp_path: Path, catalogue: Catalogue) -> None:
-    settings = Settings(data_dir=tmp_path / "state")
+    settings = Settings(data_dir=tmp_path / "state", pipeline_metrics_port=0)
     stop = asyncio.Event()
     seen: list[Endpoints] = []
 
