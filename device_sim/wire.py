@@ -41,8 +41,16 @@ def _string(text: bytes) -> bytes:
 class BulkPublisher:
     """QoS 1 publishing with a window of unacknowledged messages; blocking, one thread."""
 
-    def __init__(self, host: str, port: int, client_id: str, *, window: int = DEFAULT_WINDOW,
-                 username: str | None = None, password: str | None = None) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        client_id: str,
+        *,
+        window: int = DEFAULT_WINDOW,
+        username: str | None = None,
+        password: str | None = None,
+    ) -> None:
         self._window = window
         self._next_id = 1
         self.sent = 0
@@ -77,8 +85,14 @@ class BulkPublisher:
             packet_id = self._next_id
             self._next_id = packet_id + 1 if packet_id < 65535 else 1
             body_len = 2 + len(topic) + 2 + len(payload)
-            chunk.append(b"\x32" + _remaining_length(body_len) + struct.pack("!H", len(topic)) + topic
-                         + struct.pack("!H", packet_id) + payload)
+            chunk.append(
+                b"\x32"
+                + _remaining_length(body_len)
+                + struct.pack("!H", len(topic))
+                + topic
+                + struct.pack("!H", packet_id)
+                + payload
+            )
             self.sent += 1
             if len(chunk) >= 256:
                 self._sock.sendall(b"".join(chunk))

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from cityops.codec import Decoded, Decoder
 from cityops.model import RejectReason
-from cityops.topics import TopicKind, Topics
+from cityops.topics import ParsedTopic, TopicKind, Topics
 from gateway.metrics import GatewayMetrics
 from gateway.registry import DeviceInfo, DeviceRegistry
 from gateway.session import InboundMessage
-from ingest.batch import Batch, DeadLetter, Segment, Source, StatusUpdate
+from ingest.batch import Batch, DeadLetter, Segment, StatusUpdate
 
 _STATUSES = {b"online": "online", b"offline": "offline"}
+# Bound of the parsed-topic cache: a flood of junk topics must not grow it without limit.
+TOPIC_CACHE_MAX = 200_000
 
 
 @dataclass(slots=True)
@@ -25,7 +26,6 @@ class PendingBatch:
     batch: Batch = field(default_factory=Batch)
     messages: list[InboundMessage] = field(default_factory=list)
     unknown: list[InboundMessage] = field(default_factory=list)  # decided after a registry reload
-    started: float = field(default_factory=time.monotonic)
 
     def __len__(self) -> int:
         return len(self.messages) + len(self.unknown)
@@ -48,13 +48,32 @@ class Batcher:
         self._telemetry_count = metrics.messages.labels("telemetry")
         self._readings_accepted = metrics.readings_accepted
         self.pending = PendingBatch()
+        # Device topics are few (one or two per device) and seen again and again: parse each once.
+        self._parsed: dict[str, ParsedTopic | None] = {}
+        self._telemetry_seen = 0
 
     def take(self) -> PendingBatch:
         pending, self.pending = self.pending, PendingBatch()
+        self._readings_accepted.inc(pending.batch.rows)
         return pending
 
+    def count(self) -> None:
+        """Move the per-message tallies into the metrics (once per drain of the inbox, not per message)."""
+        if self._telemetry_seen:
+            self._telemetry_count.inc(self._telemetry_seen)
+            self._telemetry_seen = 0
+
+    def _parse(self, topic: str) -> ParsedTopic | None:
+        try:
+            return self._parsed[topic]
+        except KeyError:
+            if len(self._parsed) >= TOPIC_CACHE_MAX:
+                self._parsed.clear()
+            parsed = self._parsed[topic] = self._topics.parse(topic)
+            return parsed
+
     def accept(self, message: InboundMessage) -> None:
-        parsed = self._topics.parse(message.topic)
+        parsed = self._parse(message.topic)
         if parsed is None:
             self._metrics.messages.labels("other").inc()
             self._dead_letter(message, None, RejectReason.INVALID_TOPIC, "not a cityops device topic", 0)
@@ -64,7 +83,7 @@ class Batcher:
             self.pending.unknown.append(message)
             return
         if parsed.kind is TopicKind.TELEMETRY:
-            self._telemetry_count.inc()
+            self._telemetry_seen += 1
             self._telemetry(message, device)
         elif parsed.kind is TopicKind.STATUS:
             self._metrics.messages.labels("status").inc()
@@ -79,7 +98,7 @@ class Batcher:
         """After a registry reload: messages of devices still unknown become dead letters."""
         waiting, self.pending.unknown = self.pending.unknown, []
         for message in waiting:
-            parsed = self._topics.parse(message.topic)
+            parsed = self._parse(message.topic)
             assert parsed is not None
             if self._registry.get(parsed.device_id) is not None:
                 self.accept(message)
@@ -110,8 +129,7 @@ class Batcher:
         pending = self.pending
         pending.messages.append(message)
         if decoded.rows:
-            pending.batch.add_segment(Segment(device.id, decoded.rows, _source(message)))
-            self._readings_accepted.inc(len(decoded.rows))
+            pending.batch.add_segment(Segment(device.id, decoded.rows, message))
         if decoded.rejects:
             self._reject_readings(message, device, decoded)
 
@@ -170,10 +188,6 @@ class Batcher:
                 received_at=_datetime(message.received_us),
             )
         )
-
-
-def _source(message: InboundMessage) -> Source:
-    return Source(message.topic, message.payload, message.content_type, message.received_us)
 
 
 def _datetime(us: int) -> datetime:

@@ -181,6 +181,7 @@ class Pipeline:
                     if not len(pending):
                         first_at = time.monotonic()
                     batcher.accept(inbox.popleft())
+                batcher.count()
                 full = len(pending) >= max_messages or pending.batch.rows >= max_rows
                 if len(pending) and (full or time.monotonic() - first_at >= interval):
                     await self._hand_over(batcher, devices, queue)
@@ -190,6 +191,7 @@ class Pipeline:
                 batcher.accept(inbox.popleft())
                 if len(batcher.pending) >= max_messages or batcher.pending.batch.rows >= max_rows:
                     await self._hand_over(batcher, devices, queue)
+            batcher.count()
             if len(batcher.pending):
                 await self._hand_over(batcher, devices, queue)
         finally:

@@ -67,8 +67,9 @@ class MqttSession:
         self.has_mail = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._slots = threading.BoundedSemaphore(settings.receive_maximum)
-        self._inflight = 0
-        self._inflight_lock = threading.Lock()
+        # In flight = received - released; each counter has one writer thread, so no lock is needed.
+        self._received = 0
+        self._released = 0
         self._generation = 0
         self._client: mqtt.Client | None = None
         self._connected = threading.Event()
@@ -77,7 +78,7 @@ class MqttSession:
 
     @property
     def inflight(self) -> int:
-        return self._inflight
+        return self._received - self._released
 
     @property
     def connected(self) -> bool:
@@ -203,8 +204,7 @@ class MqttSession:
                 return
         else:
             self._slots.acquire()  # only blocks when a broker ignores our receive maximum
-        with self._inflight_lock:
-            self._inflight += 1
+        self._received += 1
         props = getattr(message, "properties", None)
         self.inbox.append(
             InboundMessage(
@@ -233,8 +233,7 @@ class MqttSession:
                 else:
                     stale += 1  # its connection is gone: the broker redelivers it, and the merge dedups
             self._slots.release()
-        with self._inflight_lock:
-            self._inflight -= len(messages)
+        self._released += len(messages)
         if stale:
             self._metrics.stale_acks.inc(stale)
 

@@ -4,13 +4,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Protocol
 
 from cityops.model import Row
 
 
-@dataclass(frozen=True, slots=True)
-class Source:
+class Source(Protocol):
     """The message a segment came from; kept so that a permanent data error can dead-letter it."""
+
+    topic: str
+    payload: bytes
+    content_type: str | None
+    received_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class MessageSource:
+    """A :class:`Source` for callers that have no message object of their own."""
 
     topic: str
     payload: bytes
