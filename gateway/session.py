@@ -12,6 +12,7 @@ import asyncio
 import collections
 import logging
 import ssl
+import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -225,16 +226,17 @@ class MqttSession:
         """PUBACK every message (on the connection that delivered it) and free its slot."""
         client = self._client
         generation = self._generation
-        stale = 0
-        for message in messages:
-            if message.qos > 0 and client is not None:
-                if message.generation == generation:
-                    client.ack(message.mid, message.qos)
-                else:
-                    stale += 1  # its connection is gone: the broker redelivers it, and the merge dedups
+        current = [m.mid for m in messages if m.qos == 1 and m.generation == generation]
+        stale = sum(1 for m in messages if m.qos > 0 and m.generation != generation)
+        if client is not None and current:
+            _send_pubacks(client, current)
+        for m in messages:
+            if m.qos == 2 and m.generation == generation and client is not None:
+                client.ack(m.mid, 2)
             self._slots.release()
         self._released += len(messages)
         if stale:
+            # Their connection is gone: the broker redelivers them, and the staged merge dedups.
             self._metrics.stale_acks.inc(stale)
 
     async def stop(self) -> None:
@@ -242,6 +244,24 @@ class MqttSession:
         if client is None:
             return
         await asyncio.to_thread(_disconnect, client)
+
+
+_PUBACK = struct.Struct("!BBH")  # fixed header 0x40, remaining length 2, packet id (MQTT 3.1.1 and 5)
+
+
+def _send_pubacks(client: mqtt.Client, mids: list[int]) -> None:
+    """All PUBACKs of a batch as one write.
+
+    ``Client.ack`` queues one packet and wakes paho's thread once per message, which costs more than
+    the rest of a small message's path through the pipeline. paho's own packet queue takes any bytes,
+    so the batch's PUBACKs go in as one entry; a paho without it gets them one by one.
+    """
+    queue = getattr(client, "_packet_queue", None)
+    if queue is None:
+        for mid in mids:
+            client.ack(mid, 1)
+        return
+    queue(mqtt.PUBACK, b"".join([_PUBACK.pack(mqtt.PUBACK, 2, mid) for mid in mids]), 0, 1)
 
 
 def _disconnect(client: mqtt.Client) -> None:
