@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 
 import psycopg
 
-from cityops.db.connection import connection
+from cityops.db.connection import AsyncConn, connection
 from cityops.db.maintenance import refresh_rollups
 from cityops.settings import StorageMode
 from ingest.metrics import IngestMetrics
@@ -121,24 +121,30 @@ async def run_rollup_refresher(
             return
 
 
-async def _refresh(
-    url: str, mode: StorageMode, marks: list[tuple[datetime, datetime, list[int] | None]], now: datetime
-) -> None:
+Marks = list[tuple[datetime, datetime, list[int] | None]]
+
+
+async def _refresh(url: str, mode: StorageMode, marks: Marks, now: datetime) -> None:
     async with connection(url, autocommit=True) as conn:
-        if mode is StorageMode.NATIVE:
-            for start, end, devices in marks:
-                await refresh_rollups(conn, start, end, devices)
-            return
-        policy_floor = now - TIMESCALE_POLICY_WINDOW
-        for start, end, _ in marks:
-            if start >= policy_floor:
-                continue
-            upto = min(end, policy_floor)
-            for view, unit in (("readings_1m", timedelta(minutes=1)), ("readings_1h", timedelta(hours=1))):
-                await conn.execute(
-                    "CALL refresh_continuous_aggregate(%s, %s, %s)",
-                    (view, _floor(start, unit), _floor(upto, unit) + unit),
-                )
+        await refresh_marks(conn, mode, marks, now)
+
+
+async def refresh_marks(conn: AsyncConn, mode: StorageMode, marks: Marks, now: datetime) -> None:
+    """Fold ``marks`` into the rollups over ``conn`` (in autocommit mode)."""
+    if mode is StorageMode.NATIVE:
+        for start, end, devices in marks:
+            await refresh_rollups(conn, start, end, devices)
+        return
+    policy_floor = now - TIMESCALE_POLICY_WINDOW
+    for start, end, _ in marks:
+        if start >= policy_floor:
+            continue  # the refresh policy covers it
+        upto = min(end, policy_floor)
+        for view, unit in (("readings_1m", timedelta(minutes=1)), ("readings_1h", timedelta(hours=1))):
+            await conn.execute(
+                "CALL refresh_continuous_aggregate(%s, %s, %s)",
+                (view, _floor(start, unit), _floor(upto, unit) + unit),
+            )
 
 
 def _floor(moment: datetime, unit: timedelta) -> datetime:

@@ -20,6 +20,7 @@ from cityops.db.maintenance import maintain
 from cityops.db.migrate import migrate, migration_files, status
 from cityops.errors import DatabaseError
 from cityops.settings import Settings, StorageMode
+from ingest.rollups import RollupTracker, refresh_marks
 from tests.waiting import eventually
 
 pytestmark = [pytest.mark.timescale, pytest.mark.xdist_group("timescale")]
@@ -159,3 +160,32 @@ async def _materialization_id(conn: AsyncConn, view: str) -> int:
     row = await cur.fetchone()
     assert row is not None
     return int(str(row[0]).rsplit("_", 1)[1])
+
+
+async def test_backfill_days_old_reaches_the_rollups(
+    ts_conn: AsyncConn, timescale_url: str, catalogue: Catalogue
+) -> None:
+    """Backfill older than the refresh policy's window is materialised by the ingest's refresher."""
+    await migrate(ts_conn, settings_for(timescale_url), catalogue)
+    now = datetime.now(UTC)
+    old = [now - timedelta(days=10, minutes=i) for i in range(5)] + [now - timedelta(days=400)]
+    await ts_conn.execute(
+        "INSERT INTO readings (time, device_id, metric_id, value) "
+        "SELECT t, 7, 60, 1.5 FROM unnest(%s::timestamptz[]) AS t",
+        (old,),
+    )
+    cur = await ts_conn.execute("SELECT count(*) FROM readings")
+    assert await cur.fetchone() == (6,)
+    table = await _materialization_id(ts_conn, "readings_1m")
+    materialised = f"SELECT count(*) FROM _timescaledb_internal._materialized_hypertable_{table}"
+    cur = await ts_conn.execute(materialised)
+    assert await cur.fetchone() == (0,)
+    tracker = RollupTracker()
+    tracker.note_everything(min(old), max(old))
+    await refresh_marks(ts_conn, StorageMode.TIMESCALE, tracker.take(), now)
+    cur = await ts_conn.execute(materialised)
+    assert await cur.fetchone() == (6,)
+    cur = await ts_conn.execute(
+        "SELECT sum(count) FROM readings_1h WHERE bucket < %s", (now - timedelta(days=3),)
+    )
+    assert await cur.fetchone() == (6,)

@@ -8,12 +8,16 @@ from pathlib import Path
 import psycopg
 
 from cityops.catalogue import Catalogue
+from cityops.db.connection import connection
 from cityops.db.migrate import migration_files
 from cityops.embedded import port_open
+from cityops.model import DeviceSpec
+from cityops.registry import import_fleet
 from cityops.services import Endpoints, read_runtime
 from cityops.settings import MqttEndpoint, Settings, StorageMode
 from cityops.up import run_up
 from tests.mqtt_helpers import collect, publish, publisher, subscriber
+from tests.waiting import eventually
 
 
 async def test_up_with_configured_services(
@@ -66,6 +70,23 @@ async def test_up_starts_and_stops_embedded_services(tmp_path: Path, catalogue: 
                 assert collect(inbox, 1)[0].payload == b"1"
 
         await asyncio.to_thread(check)
+        # The pipeline runs inside `cityops up`: a registered device's reading gets stored.
+        async with connection(endpoints.database_url) as conn:
+            await import_fleet(
+                conn, [DeviceSpec(external_id="up-1", tenant="water", kind="ponding_gauge", name="Up test")]
+            )
+            attempt = 0
+
+            async def stored() -> None:
+                nonlocal attempt
+                attempt += 1  # each try publishes again: the first may precede the subscription
+                with publisher(endpoints.mqtt_url) as client:
+                    publish(client, "cityops/v1/up-1/telemetry", b'{"ponding_depth": %d}' % attempt)
+                cur = await conn.execute("SELECT count(*) FROM readings")
+                row = await cur.fetchone()
+                assert row is not None and row[0] >= 1
+
+            await eventually(stored, deadline_s=30)
         stop.set()
 
     await asyncio.wait_for(run_up(settings, catalogue, ready=ready, stop=stop), 120)
