@@ -59,26 +59,22 @@ def read_runtime(settings: Settings) -> Endpoints | None:
 
 def database_url(settings: Settings) -> str:
     """The configured database, else the one a running ``cityops up`` recorded."""
-    if settings.database_url:
-        return settings.database_url
-    runtime = read_runtime(settings)
-    if runtime is not None:
-        return runtime.database_url
-    raise ConfigError(
-        "CITYOPS_DATABASE_URL is not set and no `cityops up` is running in "
-        f"{settings.data_dir.resolve()}: set it, or start `cityops up` first"
-    )
+    return _configured_or_running(settings, settings.database_url, "database_url")
 
 
 def mqtt_url(settings: Settings) -> str:
     """The configured broker, else the one a running ``cityops up`` recorded."""
-    if settings.mqtt_url:
-        return settings.mqtt_url
+    return _configured_or_running(settings, settings.mqtt_url, "mqtt_url")
+
+
+def _configured_or_running(settings: Settings, configured: str | None, field: str) -> str:
+    if configured:
+        return configured
     runtime = read_runtime(settings)
     if runtime is not None:
-        return runtime.mqtt_url
+        return str(getattr(runtime, field))
     raise ConfigError(
-        "CITYOPS_MQTT_URL is not set and no `cityops up` is running in "
+        f"CITYOPS_{field.upper()} is not set and no `cityops up` is running in "
         f"{settings.data_dir.resolve()}: set it, or start `cityops up` first"
     )
 
