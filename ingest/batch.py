@@ -64,17 +64,22 @@ class Batch:
     dead_letters: list[DeadLetter] = field(default_factory=list)
     statuses: list[StatusUpdate] = field(default_factory=list)
     rows: int = 0
+    first_us: int | None = None  # earliest and latest reading time, epoch microseconds
+    last_us: int | None = None
 
     def add_segment(self, segment: Segment) -> None:
         self.segments.append(segment)
         self.rows += len(segment.rows)
+        if segment.rows:
+            # Rows compare by time first, so min/max of the tuples are the time span.
+            low, high = min(segment.rows)[0], max(segment.rows)[0]
+            self.first_us = low if self.first_us is None else min(self.first_us, low)
+            self.last_us = high if self.last_us is None else max(self.last_us, high)
 
     def __bool__(self) -> bool:
         return bool(self.segments or self.dead_letters or self.statuses)
 
     def time_range_us(self) -> tuple[int, int] | None:
-        """Earliest and latest reading time, in epoch microseconds (rows compare by time first)."""
-        lows = [min(s.rows)[0] for s in self.segments if s.rows]
-        if not lows:
+        if self.first_us is None or self.last_us is None:
             return None
-        return min(lows), max(max(s.rows)[0] for s in self.segments if s.rows)
+        return self.first_us, self.last_us
