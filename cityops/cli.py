@@ -155,7 +155,7 @@ async def _run_component(component: Component, settings: Settings, catalogue: Ca
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    print(component.describe(settings), file=sys.stderr, flush=True)
+    print(component.describe(settings, services), file=sys.stderr, flush=True)
     await component.run(settings, catalogue, services, stop)
     return 0
 

@@ -33,7 +33,7 @@ class Component(Protocol):
     help: str
     order: int  # start order in `cityops up`: lower first
 
-    def describe(self, settings: Settings) -> str:
+    def describe(self, settings: Settings, services: Services) -> str:
         """One banner line: what runs where."""
         ...
 

@@ -64,7 +64,7 @@ def banner(endpoints: Endpoints, mode: str, settings: Settings, components: list
         f"  MQTT broker ({where('mqtt')}): {endpoints.mqtt_url}"
         + (f"  (MQTT 3.1.1: {endpoints.mqtt_v311_url})" if endpoints.mqtt_v311_url else ""),
         f"  devices publish to: {settings.topic_root}/v1/<device_id>/telemetry",
-        *(f"  {c.describe(settings)}" for c in components),
+        *(f"  {c.describe(settings, endpoints.services)}" for c in components),
         f"  maintenance: every {int(MAINTENANCE_INTERVAL_S)} s",
         f"  runtime file: {runtime_path(settings).resolve()}",
         "Press Ctrl-C to stop.",

@@ -279,13 +279,15 @@ class PipelineComponent:
     help = "MQTT gateway + ingest: store every reading, acknowledge after commit"
     order = 10
 
-    def describe(self, settings: Settings) -> str:
+    def describe(self, settings: Settings, services: Services) -> str:
         metrics = (
             f", metrics http://{settings.api_host}:{settings.pipeline_metrics_port}/metrics"
             if settings.pipeline_metrics_port
             else ""
         )
-        return f"pipeline: $share/{settings.subscription_group}/{settings.topic_root}/v1/+/telemetry{metrics}"
+        topics = f"{settings.topic_root}/v1/+/telemetry"
+        group = settings.subscription_group if services.shared_subscriptions else ""
+        return f"pipeline: {f'$share/{group}/' if group else ''}{topics}{metrics}"
 
     async def run(
         self, settings: Settings, catalogue: Catalogue, services: Services, stop: asyncio.Event
