@@ -92,7 +92,9 @@ def detect_encoding(payload: bytes, content_type: str | None) -> Encoding | None
     """MQTT 5 content type decides when present; else the first non-blank byte (``{``/``[`` is JSON)."""
     if content_type:
         return _ENCODING_BY_CONTENT_TYPE.get(content_type.split(";", 1)[0].strip().lower())
-    first = payload.lstrip(b" \t\r\n")[:1]
+    first = payload[:1]
+    if first in b" \t\r\n":  # rare: JSON with leading blanks (b"" is "in" too, and falls through)
+        first = payload.lstrip(b" \t\r\n")[:1]
     return Encoding.JSON if first in (b"{", b"[") else Encoding.MSGPACK
 
 

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 # Seconds to wait for a CONNACK before trying the next protocol version or giving up.
 CONNECT_TIMEOUT_S = 10.0
 RECONNECT_MIN_S, RECONNECT_MAX_S = 1, 30
+ROOM_RECHECK_S = 0.5
 
 NowUs = Callable[[], int]
 
@@ -67,7 +68,8 @@ class MqttSession:
         self.inbox: collections.deque[InboundMessage] = collections.deque()
         self.has_mail = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._slots = threading.BoundedSemaphore(settings.receive_maximum)
+        self._limit = settings.receive_maximum
+        self._room = threading.Event()  # set by ack(); awaited by paho's thread only when at the limit
         # In flight = received - released; each counter has one writer thread, so no lock is needed.
         self._received = 0
         self._released = 0
@@ -199,12 +201,15 @@ class MqttSession:
 
     def _on_message(self, _client: mqtt.Client, _userdata: object, message: mqtt.MQTTMessage) -> None:
         received_us = self._now_us()
-        if message.qos == 0:
-            if not self._slots.acquire(blocking=False):
+        if self._received - self._released >= self._limit:
+            if message.qos == 0:
                 self._metrics.qos0_dropped.inc()  # at-most-once by the device's choice; counted
                 return
-        else:
-            self._slots.acquire()  # only blocks when a broker ignores our receive maximum
+            # Only a broker that ignores our receive maximum gets here: hold its delivery (and so
+            # the socket) until the writer frees room. Re-check periodically in case a wake is missed.
+            self._room.clear()
+            while self._received - self._released >= self._limit:
+                self._room.wait(ROOM_RECHECK_S)
         self._received += 1
         props = getattr(message, "properties", None)
         self.inbox.append(
@@ -233,8 +238,9 @@ class MqttSession:
         for m in messages:
             if m.qos == 2 and m.generation == generation and client is not None:
                 client.ack(m.mid, 2)
-            self._slots.release()
         self._released += len(messages)
+        if not self._room.is_set():
+            self._room.set()
         if stale:
             # Their connection is gone: the broker redelivers them, and the staged merge dedups.
             self._metrics.stale_acks.inc(stale)
