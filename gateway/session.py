@@ -212,13 +212,16 @@ class MqttSession:
                 self._room.wait(ROOM_RECHECK_S)
         self._received += 1
         props = getattr(message, "properties", None)
+        # paho keeps the properties a packet carried in the instance dict: a lookup there avoids the
+        # AttributeError that getattr(props, "ContentType", None) raises and swallows per message.
+        content_type = props.__dict__.get("ContentType") if props is not None else None
         self.inbox.append(
             InboundMessage(
                 topic=message.topic,
                 payload=bytes(message.payload),
                 qos=message.qos,
                 mid=message.mid,
-                content_type=getattr(props, "ContentType", None),
+                content_type=content_type,
                 received_us=received_us,
                 generation=self._generation,
             )
