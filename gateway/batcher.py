@@ -129,7 +129,7 @@ class Batcher:
         pending = self.pending
         pending.messages.append(message)
         if decoded.rows:
-            pending.batch.add_segment(Segment(device.id, decoded.rows, message))
+            pending.batch.add_segment(Segment(device.id, decoded.rows, message, device.external_id))
         if decoded.rejects:
             self._reject_readings(message, device, decoded)
 

@@ -47,6 +47,7 @@ class Segment:
     device_id: int
     rows: list[Row]
     source: Source
+    device: str | None = None  # the external id, for a dead letter should the segment fail
 
 
 @dataclass(frozen=True, slots=True)

@@ -278,7 +278,7 @@ def _dead_letter(segment: Segment, exc: psycopg.Error) -> DeadLetter:
     source = segment.source
     return DeadLetter(
         topic=source.topic,
-        device=None,
+        device=segment.device,
         reason=RejectReason.DATA_ERROR.value,
         detail=f"{exc.sqlstate}: {str(exc).strip()}"[:500],
         readings=len(segment.rows),

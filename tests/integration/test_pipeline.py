@@ -206,3 +206,34 @@ async def test_a_device_registered_while_running_is_accepted(
 
         await eventually(stored)
     assert await dead_letters(pipeline_conn) == []
+
+
+async def test_a_permanent_data_error_dead_letters_only_its_message(
+    pipeline_conn: AsyncConn,
+    database_url: str,
+    mqtt_server: MqttServer,
+    topic_root: str,
+    tmp_path: Path,
+    catalogue: Catalogue,
+) -> None:
+    # A constraint the decoder knows nothing of stands in for any permanent data error (SQLSTATE 22/23).
+    await pipeline_conn.execute("ALTER TABLE readings ADD CONSTRAINT test_cap CHECK (value < 1000000)")
+    settings = pipeline_settings(database_url, mqtt_server, topic_root, tmp_path, batch_interval=0.5)
+    topics = Topics(topic_root)
+    bad = encode_compact([(TS, "pm25", 5e6), (TS + 1, "pm25", 1)])
+    async with running_pipeline(settings, catalogue) as running:
+        with publisher(mqtt_server.url) as client:
+            for i in range(6):  # one batch (0.5 s interval): the bad message among good ones
+                publish(client, topics.telemetry("aq-2"), encode_compact([(TS + 10 + i, "pm10", float(i))]))
+                if i == 3:
+                    publish(client, topics.telemetry("aq-1"), bad)
+
+        async def settled() -> None:
+            assert len(await rows(pipeline_conn)) == 6
+            assert len(await dead_letters(pipeline_conn)) == 1
+
+        await eventually(settled)
+        assert running.pipeline.ingest_metrics.data_errors._value.get() == 1
+    ((reason, device, readings, payload),) = await dead_letters(pipeline_conn)
+    assert (reason, device, readings, bytes(payload)) == ("data_error", "aq-1", 2, bad)
+    assert {r[1] for r in await rows(pipeline_conn)} == {"pm10"}
