@@ -76,6 +76,7 @@ class MqttSession:
         self._generation = 0
         self._client: mqtt.Client | None = None
         self._connected = threading.Event()
+        self._answered = threading.Event()  # CONNACK of either kind, or the socket closed
         self._connack: ReasonCode | int | None = None
         self.protocol: int | None = None
 
@@ -114,6 +115,7 @@ class MqttSession:
     def _try_connect(self, protocol: MQTTProtocolVersion) -> str | None:
         client = self._new_client(protocol)
         self._connected.clear()
+        self._answered.clear()
         self._connack = None
         try:
             if protocol == mqtt.MQTTv5:
@@ -132,7 +134,8 @@ class MqttSession:
         except (OSError, ValueError) as exc:
             return f"{'MQTT 5' if protocol == mqtt.MQTTv5 else 'MQTT 3.1.1'}: {exc}"
         client.loop_start()
-        if self._connected.wait(CONNECT_TIMEOUT_S):
+        self._answered.wait(CONNECT_TIMEOUT_S)
+        if self._connected.is_set():
             self._client = client
             return None
         client.disconnect()
@@ -176,6 +179,7 @@ class MqttSession:
         self._connack = reason
         if reason.is_failure:
             log.warning("broker refused the connection", extra={"reason": str(reason)})
+            self._answered.set()
             return
         self._generation += 1
         group = self._group
@@ -186,6 +190,7 @@ class MqttSession:
         if not flags.session_present:
             log.info("broker has no session for us: subscribing afresh")
         self._connected.set()
+        self._answered.set()
 
     def _on_disconnect(
         self,
@@ -196,6 +201,7 @@ class MqttSession:
         _props: Properties | None,
     ) -> None:
         self._connected.clear()
+        self._answered.set()  # a broker that closes the socket on our CONNECT has answered too
         if reason.is_failure:
             log.warning("lost the broker; paho reconnects", extra={"reason": str(reason)})
 

@@ -8,11 +8,13 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import orjson
+import paho.mqtt.client as paho_mqtt
 import pytest
 
 from cityops.catalogue import Catalogue
 from cityops.codec import Encoding, encode_batch, encode_compact, encode_values
 from cityops.db.connection import AsyncConn
+from cityops.embedded import EmbeddedBroker
 from cityops.model import Quality
 from cityops.topics import Topics
 from tests.conftest import MqttServer
@@ -237,3 +239,20 @@ async def test_a_permanent_data_error_dead_letters_only_its_message(
     ((reason, device, readings, payload),) = await dead_letters(pipeline_conn)
     assert (reason, device, readings, bytes(payload)) == ("data_error", "aq-1", 2, bad)
     assert {r[1] for r in await rows(pipeline_conn)} == {"pm10"}
+
+
+async def test_falls_back_to_mqtt_311_when_the_broker_does_not_speak_5(
+    pipeline_conn: AsyncConn, database_url: str, topic_root: str, tmp_path: Path, catalogue: Catalogue
+) -> None:
+    with EmbeddedBroker(tmp_path / "broker") as broker:  # its 3.1.1 listener refuses MQTT 5
+        server = MqttServer(broker.url_v311, broker.url_v311, shared_subscriptions=False)
+        settings = pipeline_settings(database_url, server, topic_root, tmp_path)
+        async with running_pipeline(settings, catalogue) as running:
+            assert running.pipeline.session.protocol == paho_mqtt.MQTTv311
+            with publisher(server.url_v311, paho_mqtt.MQTTv311) as client:
+                publish(client, Topics(topic_root).telemetry("aq-1"), encode_values({"pm25": 7}, TS))
+
+            async def stored() -> None:
+                assert [r[:2] for r in await rows(pipeline_conn)] == [("aq-1", "pm25")]
+
+            await eventually(stored)
