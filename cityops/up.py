@@ -100,7 +100,7 @@ async def run_up(
             try:
                 if ready is not None:
                     await ready(endpoints)
-                stop_wait = asyncio.ensure_future(stop.wait())
+                stop_wait = asyncio.create_task(stop.wait(), name="up-stop-wait")
                 await asyncio.wait([stop_wait, *running], return_when=asyncio.FIRST_COMPLETED)
                 stop_wait.cancel()
             finally:

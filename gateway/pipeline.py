@@ -66,7 +66,6 @@ class Pipeline:
         self.ingest_metrics = IngestMetrics(self.registry)
         self.last_seen: dict[int, int] = {}
         self.tracker = RollupTracker()
-        self._closing = False
 
     async def run(self, stop: asyncio.Event, ready: Callable[[], Awaitable[None]] | None = None) -> None:
         s = self.settings
@@ -82,6 +81,9 @@ class Pipeline:
         )
         self.session = session
         self.gateway_metrics.inflight.set_function(lambda: session.inflight)
+        # First, so that a broker that cannot be reached leaves nothing running behind it; messages
+        # that arrive before the intake starts wait in the session's inbox.
+        await session.start()
         writer = BatchWriter(self.services.database_url, mode, self.ingest_metrics)
         batcher = Batcher(
             Decoder(self.catalogue, s.max_clock_skew),
@@ -114,7 +116,6 @@ class Pipeline:
             ),
         ]
         metrics_server = self._serve_metrics()
-        await session.start()
         intake = asyncio.create_task(self._intake(session, batcher, devices, queue, stop), name="intake")
         committer = asyncio.create_task(self._commit_loop(session, writer, queue), name="writer")
         log.info(
@@ -124,7 +125,7 @@ class Pipeline:
         try:
             if ready is not None:
                 await ready()
-            stop_wait = asyncio.ensure_future(stop.wait())
+            stop_wait = asyncio.create_task(stop.wait(), name="pipeline-stop-wait")
             await asyncio.wait([stop_wait, intake, committer], return_when=asyncio.FIRST_COMPLETED)
             stop_wait.cancel()
         finally:
@@ -165,7 +166,7 @@ class Pipeline:
         max_messages = max(1, s.receive_maximum // 2)
         max_rows, interval = s.batch_max_rows, s.batch_interval
         first_at = 0.0
-        wake_on_stop = asyncio.ensure_future(_set_on(stop, has_mail))
+        wake_on_stop = asyncio.create_task(_set_on(stop, has_mail), name="intake-wake-on-stop")
         try:
             while not stop.is_set():
                 pending = batcher.pending
