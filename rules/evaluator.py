@@ -1,0 +1,247 @@
+"""Evaluating rules over batches of readings: state per (rule, subject, condition), event time.
+
+A batch is evaluated per device segment: the rules that watch each of its metrics are found through
+an index by metric id, filtered by a per-device selector match that is computed once. Each rule's
+status for a subject (a device, or a district for district-scoped composites) is reported when it
+changes, and while it fires (so an open alert learns its latest value), at most once per batch.
+
+Event time: each series (device, metric) has a watermark, its latest reading time. A reading older
+than the watermark minus the rule's allowed lateness is stored but does not change any state; one
+inside the lateness only feeds sliding windows (a newer reading already decided the rest).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from cityops.catalogue import Catalogue
+from cityops.model import Domain, Row
+from rules.conditions import (
+    US,
+    ConditionState,
+    NoDataState,
+    RateOfChangeState,
+    Status,
+    WindowState,
+    new_state,
+)
+from rules.spec import Composite, Leaf, NoData, RuleSpec
+
+Clock = Callable[[], int]  # epoch microseconds
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceInfo:
+    """What selectors match on."""
+
+    id: int
+    external_id: str
+    tenant: str
+    kind: str
+    domain: Domain | None = None
+    district: str | None = None
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Signal:
+    """A rule's status for a subject after a batch (or a tick)."""
+
+    rule: str
+    subject: str  # the device's external id, or "district:<name>"
+    device: str | None
+    status: Status
+    value: float | None
+    metric: str | None
+    at_us: int
+    observations: int = 1  # readings that kept it firing in this batch
+
+
+@dataclass(slots=True)
+class _Compiled:
+    spec: RuleSpec
+    leaves: list[Leaf]
+    metric_ids: list[int | None]  # per leaf; None: any metric (no_data without a metric)
+    scope: str  # device | district
+    any_of: bool
+    lateness_us: int
+
+
+_SLIDING = (WindowState, RateOfChangeState)
+
+
+class Evaluator:
+    def __init__(self, rules: Iterable[RuleSpec], catalogue: Catalogue, clock: Clock) -> None:
+        self._catalogue = catalogue
+        self._clock = clock
+        self._rules: dict[str, _Compiled] = {}
+        self._by_metric: dict[int | None, list[tuple[_Compiled, int]]] = {}
+        self._matches: dict[tuple[str, int], bool] = {}
+        self._states: dict[tuple[str, str, int], ConditionState] = {}
+        self._firing_devices: dict[tuple[str, str, int], set[str]] = {}  # district scope
+        self._reported: dict[tuple[str, str], Status] = {}
+        self._watermarks: dict[tuple[int, int], int] = {}
+        self._devices: dict[str, DeviceInfo] = {}
+        self.set_rules(rules)
+
+    # --- rules ---------------------------------------------------------------------------------
+    def set_rules(self, rules: Iterable[RuleSpec]) -> None:
+        """Replace the rule set; rules whose spec is unchanged keep their state."""
+        compiled = {spec.name: self._compile(spec) for spec in rules if spec.enabled}
+        for name, old in self._rules.items():
+            if name not in compiled or compiled[name].spec != old.spec:
+                self._forget(name)
+        self._rules = compiled
+        self._by_metric = {}
+        for rule in compiled.values():
+            for index, metric_id in enumerate(rule.metric_ids):
+                self._by_metric.setdefault(metric_id, []).append((rule, index))
+        self._matches.clear()
+
+    def _compile(self, spec: RuleSpec) -> _Compiled:
+        composite = isinstance(spec.condition, Composite)
+        leaves: list[Leaf] = (
+            list(spec.condition.conditions) if isinstance(spec.condition, Composite) else [spec.condition]
+        )
+        metric_ids = [self._catalogue.metrics[leaf.metric].id if leaf.metric else None for leaf in leaves]
+        scope = spec.condition.scope if isinstance(spec.condition, Composite) else "device"
+        any_of = composite and spec.condition.type == "any"
+        return _Compiled(spec, leaves, metric_ids, scope, any_of, int(spec.allowed_lateness_s * US))
+
+    def _forget(self, name: str) -> None:
+        for key in [k for k in self._states if k[0] == name]:
+            del self._states[key]
+        for key in [k for k in self._firing_devices if k[0] == name]:
+            del self._firing_devices[key]
+        for reported in [k for k in self._reported if k[0] == name]:
+            del self._reported[reported]
+
+    def forget_devices(self) -> None:
+        """The registry changed: selector matches are recomputed on next use."""
+        self._matches.clear()
+
+    def _selects(self, rule: _Compiled, device: DeviceInfo) -> bool:
+        key = (rule.spec.name, device.id)
+        hit = self._matches.get(key)
+        if hit is None:
+            s = rule.spec.selector
+            hit = self._matches[key] = (
+                (s.tenant is None or s.tenant == device.tenant)
+                and (s.domain is None or s.domain == device.domain)
+                and (not s.kinds or device.kind in s.kinds)
+                and (not s.devices or device.external_id in s.devices)
+                and (not s.districts or device.district in s.districts)
+                and all(device.tags.get(k) == v for k, v in s.tags.items())
+            )
+        return hit
+
+    # --- readings ------------------------------------------------------------------------------
+    def observe(self, device: DeviceInfo, rows: list[Row]) -> list[Signal]:
+        """Advance every rule that watches these rows; the signals of what changed or fires."""
+        self._devices[device.external_id] = device
+        out: dict[tuple[str, str], Signal] = {}
+        catch_all = self._by_metric.get(None, ())
+        for time_us, metric_id, value, _quality in rows:
+            watched = self._by_metric.get(metric_id)
+            if not watched and not catch_all:
+                continue
+            series = (device.id, metric_id)
+            watermark = self._watermarks.get(series, time_us)
+            in_order = time_us >= watermark
+            if in_order:
+                self._watermarks[series] = time_us
+            for rule, index in (*(watched or ()), *catch_all):
+                if not in_order and time_us < watermark - rule.lateness_us:
+                    continue  # late: stored, but no longer allowed to change what was decided
+                if not self._selects(rule, device):
+                    continue
+                state = self._state(rule, device.external_id, index)
+                if not in_order and not isinstance(state, _SLIDING):
+                    continue
+                status = state.observe(time_us, value)
+                self._settle(rule, device, index, status, state.value, time_us, out)
+        return list(out.values())
+
+    def tick(self) -> list[Signal]:
+        """What time alone decides: ``for`` durations between sparse readings, ``no_data``."""
+        now = self._clock()
+        out: dict[tuple[str, str], Signal] = {}
+        for (name, device_id, index), state in list(self._states.items()):
+            rule = self._rules.get(name)
+            device = self._devices.get(device_id)
+            if rule is None or device is None:
+                continue
+            self._settle(rule, device, index, state.tick(now), state.value, now, out)
+        return list(out.values())
+
+    def watch_for_silence(self, device: DeviceInfo) -> None:
+        """Start no_data timers for a device that may never report (called for registered devices)."""
+        self._devices[device.external_id] = device
+        for rule, index in self._by_metric.get(None, ()):
+            if self._selects(rule, device):
+                self._state(rule, device.external_id, index)
+        for entries in self._by_metric.values():
+            for rule, index in entries:
+                if isinstance(rule.leaves[index], NoData) and self._selects(rule, device):
+                    self._state(rule, device.external_id, index)
+
+    def _state(self, rule: _Compiled, device: str, index: int) -> ConditionState:
+        key = (rule.spec.name, device, index)
+        state = self._states.get(key)
+        if state is None:
+            state = self._states[key] = new_state(rule.leaves[index], self._clock())
+        return state
+
+    def _settle(
+        self,
+        rule: _Compiled,
+        device: DeviceInfo,
+        index: int,
+        leaf_status: Status,
+        value: float | None,
+        at_us: int,
+        out: dict[tuple[str, str], Signal],
+    ) -> None:
+        name = rule.spec.name
+        if rule.scope == "district":
+            subject = f"district:{device.district}"
+            firing = self._firing_devices.setdefault((name, subject, index), set())
+            if leaf_status is Status.FIRING:
+                firing.add(device.external_id)
+            else:
+                firing.discard(device.external_id)
+            statuses = [
+                Status.FIRING if self._firing_devices.get((name, subject, i)) else Status.INACTIVE
+                for i in range(len(rule.leaves))
+            ]
+        else:
+            subject = device.external_id
+            statuses = [
+                (leaf_status if i == index else self._leaf_status(name, subject, i, at_us))
+                for i in range(len(rule.leaves))
+            ]
+        status = _combine(statuses, rule.any_of) if len(statuses) > 1 else statuses[0]
+        key = (name, subject)
+        before = self._reported.get(key, Status.INACTIVE)
+        if status is before and status is not Status.FIRING:
+            return
+        self._reported[key] = status
+        metric = rule.leaves[index].metric
+        previous = out.get(key)
+        count = (previous.observations + 1) if previous is not None and status is Status.FIRING else 1
+        out[key] = Signal(name, subject, device.external_id, status, value, metric, at_us, count)
+
+    def _leaf_status(self, name: str, subject: str, index: int, now_us: int) -> Status:
+        state = self._states.get((name, subject, index))
+        if state is None:
+            return Status.INACTIVE
+        if isinstance(state, NoDataState):
+            return state.tick(now_us)
+        return Status.FIRING if getattr(state, "firing", False) else Status.INACTIVE
+
+
+def _combine(statuses: list[Status], any_of: bool) -> Status:
+    if any_of:
+        return max(statuses)
+    return min(statuses)
