@@ -147,10 +147,14 @@ class Evaluator:
             if not watched and not catch_all:
                 continue
             series = (device.id, metric_id)
-            watermark = self._watermarks.get(series, time_us)
-            in_order = time_us >= watermark
+            watermark = self._watermarks.get(series)
+            if watermark == time_us:
+                continue  # the latest reading again (a redelivery): already evaluated
+            in_order = watermark is None or time_us > watermark
             if in_order:
                 self._watermarks[series] = time_us
+                watermark = time_us
+            assert watermark is not None
             for rule, index in (*(watched or ()), *catch_all):
                 if not in_order and time_us < watermark - rule.lateness_us:
                     continue  # late: stored, but no longer allowed to change what was decided

@@ -186,3 +186,10 @@ def test_changed_rules_restart_unchanged_rules_keep_state() -> None:
     assert summary(ev.observe(PD1, rows("ponding_depth", (60, 13)))) == [
         ("ponding", "pd-1", Status.FIRING, 13.0, 1)
     ]
+
+
+def test_the_latest_reading_again_changes_nothing() -> None:
+    ev = Evaluator(rules(PONDING), CAT, Clock())
+    first = summary(ev.observe(PD1, rows("ponding_depth", (0, 20))))
+    assert first == [("ponding", "pd-1", Status.FIRING, 20.0, 1)]
+    assert ev.observe(PD1, rows("ponding_depth", (0, 20))) == []  # redelivered: no second count
