@@ -71,13 +71,7 @@ class Threshold(_Spec):
 
     @model_validator(mode="after")
     def _clear_on_the_safe_side(self) -> Threshold:
-        if self.clear is not None and (
-            self.clear > self.value if self.op.upward else self.clear < self.value
-        ):
-            side = "at or below" if self.op.upward else "at or above"
-            raise ValueError(
-                f"clear ({self.clear}) must be {side} value ({self.value}) for op {self.op.value!r}"
-            )
+        _check_clear(self.op, self.value, self.clear)
         return self
 
 
@@ -120,13 +114,7 @@ class Window(_Spec):
 
     @model_validator(mode="after")
     def _clear_on_the_safe_side(self) -> Window:
-        if self.clear is not None and (
-            self.clear > self.value if self.op.upward else self.clear < self.value
-        ):
-            side = "at or below" if self.op.upward else "at or above"
-            raise ValueError(
-                f"clear ({self.clear}) must be {side} value ({self.value}) for op {self.op.value!r}"
-            )
+        _check_clear(self.op, self.value, self.clear)
         return self
 
 
