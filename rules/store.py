@@ -1,0 +1,247 @@
+"""The alert store: evaluator signals become alert rows, events and notifications, exactly once.
+
+One open alert per fingerprint (rule + subject), enforced by the partial unique index
+``alerts_one_open_per_fingerprint``: two writers racing on the same fingerprint end with one open
+alert, the loser's trigger counted on it. A repeat trigger updates the open alert (count, last value,
+last seen); a trigger within the rule's flap window after a resolve reopens the same alert and
+counts a flap. Every transition appends to ``alert_events`` and sends ``NOTIFY cityops_alerts`` in
+the same transaction, so a listener never hears of an event that did not commit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import orjson
+
+from cityops.db.connection import AsyncConn
+from cityops.model import AlertState
+from rules.conditions import Status
+from rules.evaluator import DeviceInfo, Signal
+from rules.spec import RuleSpec
+
+CHANNEL = "cityops_alerts"
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    event_id: int
+    alert_id: int
+    kind: str  # opened | reopened | firing | resolved
+    from_state: str | None
+    to_state: str
+
+
+def fingerprint(rule: str, subject: str) -> str:
+    return hashlib.sha256(f"{rule}\x00{subject}".encode()).hexdigest()[:32]
+
+
+class AlertStore:
+    async def apply(
+        self,
+        conn: AsyncConn,
+        signals: list[Signal],
+        rules: Mapping[str, RuleSpec],
+        devices: Mapping[str, DeviceInfo],
+    ) -> list[Transition]:
+        """Write ``signals`` in one transaction; the transitions they caused, in order."""
+        transitions: list[Transition] = []
+        # A fixed lock order across writers: no deadlocks between pipelines.
+        ordered = sorted(signals, key=lambda s: fingerprint(s.rule, s.subject))
+        async with conn.transaction():
+            for signal in ordered:
+                spec = rules.get(signal.rule)
+                if spec is None:
+                    continue
+                if signal.status is Status.INACTIVE:
+                    transitions += await self._resolve(conn, signal)
+                else:
+                    transitions += await self._trigger(conn, signal, spec, devices.get(signal.device or ""))
+            for t in transitions:
+                await conn.execute(
+                    "SELECT pg_notify(%s, %s)",
+                    (
+                        CHANNEL,
+                        orjson.dumps(
+                            {
+                                "event_id": t.event_id,
+                                "alert_id": t.alert_id,
+                                "kind": t.kind,
+                                "state": t.to_state,
+                            }
+                        ).decode(),
+                    ),
+                )
+        return transitions
+
+    async def _trigger(
+        self, conn: AsyncConn, signal: Signal, spec: RuleSpec, device: DeviceInfo | None
+    ) -> list[Transition]:
+        fp = fingerprint(signal.rule, signal.subject)
+        at = _dt(signal.at_us)
+        wanted = AlertState.FIRING if signal.status is Status.FIRING else AlertState.PENDING
+        cur = await conn.execute(
+            """
+            WITH open AS (
+                SELECT id, state FROM alerts WHERE fingerprint = %(fp)s AND state <> 'resolved' FOR UPDATE
+            )
+            UPDATE alerts a SET
+                count = a.count + %(n)s, last_value = %(value)s,
+                last_seen_at = greatest(a.last_seen_at, %(at)s),
+                state = CASE WHEN a.state = 'pending' THEN %(wanted)s ELSE a.state END,
+                updated_at = now()
+            FROM open WHERE a.id = open.id
+            RETURNING a.id, open.state, a.state
+            """,
+            {"fp": fp, "n": signal.observations, "value": signal.value, "at": at, "wanted": wanted.value},
+        )
+        row = await cur.fetchone()
+        if row is not None:
+            alert_id, before, after = row
+            if before == after:
+                return []
+            return [await _event(conn, alert_id, "firing", before, after, signal)]
+        reopened = await self._reopen(conn, fp, signal, spec, wanted)
+        if reopened is not None:
+            return [reopened]
+        return await self._open(conn, fp, signal, spec, device, wanted)
+
+    async def _reopen(
+        self, conn: AsyncConn, fp: str, signal: Signal, spec: RuleSpec, wanted: AlertState
+    ) -> Transition | None:
+        at = _dt(signal.at_us)
+        cur = await conn.execute(
+            """
+            UPDATE alerts SET state = %(wanted)s, resolved_at = NULL, flap_count = flap_count + 1,
+                count = count + %(n)s, last_value = %(value)s, last_seen_at = %(at)s, updated_at = now()
+            WHERE id = (SELECT id FROM alerts WHERE fingerprint = %(fp)s AND state = 'resolved'
+                        AND resolved_at >= %(since)s ORDER BY resolved_at DESC LIMIT 1 FOR UPDATE)
+              AND NOT EXISTS (SELECT 1 FROM alerts WHERE fingerprint = %(fp)s AND state <> 'resolved')
+            RETURNING id
+            """,
+            {
+                "fp": fp,
+                "wanted": wanted.value,
+                "n": signal.observations,
+                "value": signal.value,
+                "at": at,
+                "since": at - timedelta(seconds=spec.flap_window_s),
+            },
+        )
+        row = await cur.fetchone()
+        if row is None:
+            return None
+        return await _event(conn, row[0], "reopened", "resolved", wanted.value, signal)
+
+    async def _open(
+        self,
+        conn: AsyncConn,
+        fp: str,
+        signal: Signal,
+        spec: RuleSpec,
+        device: DeviceInfo | None,
+        wanted: AlertState,
+    ) -> list[Transition]:
+        at = _dt(signal.at_us)
+        labels = {**spec.labels, "rule": spec.name, "subject": signal.subject}
+        if device is not None:
+            labels |= {"tenant": device.tenant, "device": device.external_id, "kind": device.kind}
+            if device.district:
+                labels["district"] = device.district
+            if device.domain:
+                labels["domain"] = device.domain.value
+        if signal.metric:
+            labels["metric"] = signal.metric
+        summary = _summary(spec, signal)
+        cur = await conn.execute(
+            """
+            INSERT INTO alerts (fingerprint, rule_id, state, severity, tenant, labels, summary, evidence,
+                                count, last_value, started_at, last_seen_at)
+            VALUES (%(fp)s, (SELECT id FROM rules WHERE name = %(rule)s ORDER BY id LIMIT 1), %(state)s,
+                    %(severity)s, %(tenant)s, %(labels)s, %(summary)s, %(evidence)s, %(n)s, %(value)s,
+                    %(at)s, %(at)s)
+            ON CONFLICT (fingerprint) WHERE state <> 'resolved' DO UPDATE SET
+                count = alerts.count + excluded.count, last_value = excluded.last_value,
+                last_seen_at = greatest(alerts.last_seen_at, excluded.last_seen_at), updated_at = now()
+            RETURNING id, (xmax = 0) AS inserted
+            """,
+            {
+                "fp": fp,
+                "rule": spec.name,
+                "state": wanted.value,
+                "severity": spec.severity.value,
+                "tenant": labels.get("tenant", spec.selector.tenant or "all"),
+                "labels": orjson.dumps(labels).decode(),
+                "summary": summary,
+                "evidence": orjson.dumps(
+                    {"value": signal.value, "metric": signal.metric, "at": at.isoformat()}
+                ).decode(),
+                "n": signal.observations,
+                "value": signal.value,
+                "at": at,
+            },
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        alert_id, inserted = row
+        if not inserted:
+            return []  # a concurrent writer opened it first; this trigger was counted on it
+        return [await _event(conn, alert_id, "opened", None, wanted.value, signal)]
+
+    async def _resolve(self, conn: AsyncConn, signal: Signal) -> list[Transition]:
+        cur = await conn.execute(
+            """
+            WITH open AS (
+                SELECT id, state FROM alerts WHERE fingerprint = %(fp)s AND state <> 'resolved' FOR UPDATE
+            )
+            UPDATE alerts a
+            SET state = 'resolved', resolved_at = %(at)s, last_value = %(value)s, updated_at = now()
+            FROM open WHERE a.id = open.id
+            RETURNING a.id, open.state
+            """,
+            {"fp": fingerprint(signal.rule, signal.subject), "at": _dt(signal.at_us), "value": signal.value},
+        )
+        row = await cur.fetchone()
+        if row is None:
+            return []
+        return [await _event(conn, row[0], "resolved", row[1], "resolved", signal)]
+
+
+async def _event(
+    conn: AsyncConn, alert_id: int, kind: str, before: str | None, after: str, signal: Signal
+) -> Transition:
+    cur = await conn.execute(
+        "INSERT INTO alert_events (alert_id, at, kind, from_state, to_state, actor, detail) "
+        "VALUES (%s, %s, %s, %s, %s, 'rules', %s) RETURNING id",
+        (
+            alert_id,
+            _dt(signal.at_us),
+            kind,
+            before,
+            after,
+            orjson.dumps({"value": signal.value, "metric": signal.metric}).decode(),
+        ),
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    return Transition(row[0], alert_id, kind, before, after)
+
+
+def _summary(spec: RuleSpec, signal: Signal) -> str:
+    try:
+        return spec.message.format(
+            rule=spec.name,
+            device=signal.device or signal.subject,
+            subject=signal.subject,
+            metric=signal.metric or "",
+            value=signal.value,
+        )
+    except (KeyError, IndexError, ValueError):
+        return f"{spec.name} on {signal.subject}"
+
+
+def _dt(us: int) -> datetime:
+    return datetime.fromtimestamp(us / 1_000_000, tz=UTC)
