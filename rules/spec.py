@@ -7,6 +7,7 @@ matter); evaluation never touches pydantic (see :mod:`rules.conditions`).
 from __future__ import annotations
 
 from enum import StrEnum
+from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -223,3 +224,16 @@ def load_rules(path: Path, catalogue: Catalogue) -> list[RuleSpec]:
 
 def _describe(exc: ValidationError) -> str:
     return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'rules'}: {e['msg']}" for e in exc.errors())
+
+
+def default_packs(catalogue: Catalogue) -> dict[str, list[RuleSpec]]:
+    """The rule packs shipped in ``rules/packs/`` (one per standard), by pack name."""
+    folder = resources.files("rules").joinpath("packs")
+    packs = {}
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".yaml"):
+            doc = yaml.safe_load(entry.read_text(encoding="utf-8"))
+            packs[entry.name.removesuffix(".yaml")] = parse_rules(
+                doc, catalogue, origin=f"packs/{entry.name}"
+            )
+    return packs
