@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -76,7 +75,7 @@ class Batcher:
         parsed = self._parse(message.topic)
         if parsed is None:
             self._metrics.messages.labels("other").inc()
-            self._dead_letter(message, None, RejectReason.INVALID_TOPIC, "not a cityops device topic", 0)
+            self._dead_letter(message, None, RejectReason.INVALID_TOPIC, "not a cityops device topic")
             return
         device = self._registry.get(parsed.device_id)
         if device is None:
@@ -91,7 +90,7 @@ class Batcher:
         else:
             self._metrics.messages.labels("other").inc()
             self._dead_letter(
-                message, device.external_id, RejectReason.INVALID_TOPIC, "commands are not ingested", 0
+                message, device.external_id, RejectReason.INVALID_TOPIC, "commands are not ingested"
             )
 
     def settle_unknown(self) -> None:
@@ -111,7 +110,6 @@ class Batcher:
                 parsed.device_id,
                 RejectReason.UNKNOWN_DEVICE,
                 f"device {parsed.device_id!r} is not registered",
-                0,
             )
 
     def _telemetry(self, message: InboundMessage, device: DeviceInfo) -> None:
@@ -121,7 +119,6 @@ class Batcher:
                 device.external_id,
                 RejectReason.DEVICE_DISABLED,
                 f"device {device.external_id!r} is disabled",
-                0,
             )
             return
         self._last_seen[device.id] = message.received_us
@@ -134,23 +131,9 @@ class Batcher:
             self._reject_readings(message, device, decoded)
 
     def _reject_readings(self, message: InboundMessage, device: DeviceInfo, decoded: Decoded) -> None:
-        received_at = _datetime(message.received_us)
         for reject in decoded.rejects.values():
-            self._metrics.rejects.labels(reject.reason.value).inc(reject.count)
-            self._metrics.dead_letters.labels(reject.reason.value).inc()
             detail = reject.detail if reject.count == 1 else f"{reject.detail} (and {reject.count - 1} more)"
-            self.pending.batch.dead_letters.append(
-                DeadLetter(
-                    topic=message.topic,
-                    device=device.external_id,
-                    reason=reject.reason.value,
-                    detail=detail,
-                    readings=reject.count,
-                    content_type=message.content_type,
-                    payload=message.payload,
-                    received_at=received_at,
-                )
-            )
+            self._record(message, device.external_id, reject.reason, detail, reject.count)
 
     def _status(self, message: InboundMessage, device: DeviceInfo) -> None:
         payload = message.payload.strip().lower()
@@ -164,18 +147,23 @@ class Batcher:
                 device.external_id,
                 RejectReason.MALFORMED_PAYLOAD,
                 "status must be 'online' or 'offline'",
-                0,
             )
             return
         self.pending.messages.append(message)
         self.pending.batch.statuses.append(StatusUpdate(device.id, status, _datetime(message.received_us)))
 
     def _dead_letter(
+        self, message: InboundMessage, device: str | None, reason: RejectReason, detail: str
+    ) -> None:
+        """The whole message is rejected: it is acknowledged once its dead letter commits."""
+        self.pending.messages.append(message)
+        self._record(message, device, reason, detail, 0)
+
+    def _record(
         self, message: InboundMessage, device: str | None, reason: RejectReason, detail: str, readings: int
     ) -> None:
-        self._metrics.rejects.labels(reason.value).inc()
+        self._metrics.rejects.labels(reason.value).inc(max(readings, 1))
         self._metrics.dead_letters.labels(reason.value).inc()
-        self.pending.messages.append(message)
         self.pending.batch.dead_letters.append(
             DeadLetter(
                 topic=message.topic,
@@ -192,6 +180,3 @@ class Batcher:
 
 def _datetime(us: int) -> datetime:
     return datetime.fromtimestamp(us / 1_000_000, tz=UTC)
-
-
-NowUs = Callable[[], int]
