@@ -221,7 +221,7 @@ class Pipeline:
             result = await writer.write(pending.batch)
             session.ack(pending.messages)
             if pending.messages:
-                oldest = min(m.received_us for m in pending.messages[:1])
+                oldest = pending.messages[0].received_us  # messages are in arrival order
                 self.gateway_metrics.ack_lag.observe(max(0.0, (self.now_us() - oldest) / 1_000_000))
             self.ingest_metrics.batch_rows.observe(result.rows_offered)
             self.tracker.note(result)

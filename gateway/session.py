@@ -240,13 +240,19 @@ class MqttSession:
         """PUBACK every message (on the connection that delivered it) and free its slot."""
         client = self._client
         generation = self._generation
-        current = [m.mid for m in messages if m.qos == 1 and m.generation == generation]
-        stale = sum(1 for m in messages if m.qos > 0 and m.generation != generation)
+        current: list[int] = []
+        stale = 0
+        for m in messages:
+            if m.qos == 0:
+                continue
+            if m.generation != generation:
+                stale += 1
+            elif m.qos == 1:
+                current.append(m.mid)
+            elif client is not None:
+                client.ack(m.mid, 2)
         if client is not None and current:
             _send_pubacks(client, current)
-        for m in messages:
-            if m.qos == 2 and m.generation == generation and client is not None:
-                client.ack(m.mid, 2)
         self._released += len(messages)
         if not self._room.is_set():
             self._room.set()

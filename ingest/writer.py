@@ -165,11 +165,9 @@ class BatchWriter:
             return await self._commit(conn, culprit)
         middle = len(batch.segments) // 2
         head = Batch(dead_letters=batch.dead_letters, statuses=batch.statuses)
-        for segment in batch.segments[:middle]:
-            head.add_segment(segment)
         tail = Batch()
-        for segment in batch.segments[middle:]:
-            tail.add_segment(segment)
+        for index, segment in enumerate(batch.segments):
+            (head if index < middle else tail).add_segment(segment)
         results = [await self._commit_isolating(conn, part) for part in (head, tail)]
         return _combine(results)
 
