@@ -9,13 +9,12 @@ from pathlib import Path
 
 import orjson
 import paho.mqtt.client as paho_mqtt
-import pytest
 
 from cityops.catalogue import Catalogue
 from cityops.codec import Encoding, encode_batch, encode_compact, encode_values
 from cityops.db.connection import AsyncConn
 from cityops.embedded import EmbeddedBroker
-from cityops.model import Quality
+from cityops.model import DeviceSpec, Quality
 from cityops.topics import Topics
 from tests.conftest import MqttServer
 from tests.mqtt_helpers import publish, publisher
@@ -41,14 +40,8 @@ async def dead_letters(conn: AsyncConn) -> list[tuple[object, ...]]:
     return await cur.fetchall()
 
 
-@pytest.fixture
-async def pipeline_conn(migrated_conn: AsyncConn) -> AsyncConn:
-    await register_fleet(migrated_conn)
-    return migrated_conn
-
-
 async def test_every_shape_is_stored_exactly(
-    pipeline_conn: AsyncConn,
+    fleet_conn: AsyncConn,
     database_url: str,
     mqtt_server: MqttServer,
     topic_root: str,
@@ -84,7 +77,7 @@ async def test_every_shape_is_stored_exactly(
             )  # receive time
 
         async def all_stored() -> list[tuple[object, ...]]:
-            got = await rows(pipeline_conn)
+            got = await rows(fleet_conn)
             assert len(got) == 9
             return got
 
@@ -100,7 +93,7 @@ async def test_every_shape_is_stored_exactly(
     assert by_key[("pd-1", "battery_level", TS - TS % 1000)] == (0.8, 0)
     ((rh_time, (rh, rh_quality)),) = [(t, vq) for (d, m, t), vq in by_key.items() if m == "relative_humidity"]
     assert (rh, rh_quality) == (0.5, Quality.RECEIVE_TIME) and abs(rh_time - time.time() * 1000) < 60_000
-    assert await dead_letters(pipeline_conn) == []
+    assert await dead_letters(fleet_conn) == []
 
 
 REJECTS = [
@@ -117,7 +110,7 @@ REJECTS = [
 
 
 async def test_every_reject_reason_lands_in_dead_letters(
-    pipeline_conn: AsyncConn,
+    fleet_conn: AsyncConn,
     database_url: str,
     mqtt_server: MqttServer,
     topic_root: str,
@@ -137,7 +130,7 @@ async def test_every_reject_reason_lands_in_dead_letters(
             publish(client, topics.telemetry("aq-2"), encode_compact([(TS, "pm25", 5), (TS, "nope", 1)]))
 
         async def all_dead() -> list[tuple[object, ...]]:
-            got = await dead_letters(pipeline_conn)
+            got = await dead_letters(fleet_conn)
             assert len(got) == len(REJECTS) + 3
             return got
 
@@ -151,11 +144,11 @@ async def test_every_reject_reason_lands_in_dead_letters(
         assert (reason, device, payload) in [(r, d, bytes(p)) for r, d, _, p in letters]
     for reason in set(reasons):
         assert counted.labels(reason)._value.get() == reasons.count(reason)
-    assert [r[:2] for r in await rows(pipeline_conn)] == [("aq-2", "pm25")]
+    assert [r[:2] for r in await rows(fleet_conn)] == [("aq-2", "pm25")]
 
 
 async def test_status_and_presence_are_recorded(
-    pipeline_conn: AsyncConn,
+    fleet_conn: AsyncConn,
     database_url: str,
     mqtt_server: MqttServer,
     topic_root: str,
@@ -171,7 +164,7 @@ async def test_status_and_presence_are_recorded(
             publish(client, topics.status("pd-1"), b"offline")
 
         async def recorded() -> None:
-            cur = await pipeline_conn.execute(
+            cur = await fleet_conn.execute(
                 "SELECT external_id, status, last_seen IS NOT NULL FROM devices ORDER BY external_id"
             )
             assert await cur.fetchall() == [
@@ -185,33 +178,31 @@ async def test_status_and_presence_are_recorded(
 
 
 async def test_a_device_registered_while_running_is_accepted(
-    pipeline_conn: AsyncConn,
+    fleet_conn: AsyncConn,
     database_url: str,
     mqtt_server: MqttServer,
     topic_root: str,
     tmp_path: Path,
     catalogue: Catalogue,
 ) -> None:
-    from cityops.model import DeviceSpec
-
     settings = pipeline_settings(database_url, mqtt_server, topic_root, tmp_path)
     topics = Topics(topic_root)
     async with running_pipeline(settings, catalogue):
         await register_fleet(
-            pipeline_conn, [DeviceSpec(external_id="new-1", tenant="gas", kind="gas_detector", name="New")]
+            fleet_conn, [DeviceSpec(external_id="new-1", tenant="gas", kind="gas_detector", name="New")]
         )
         with publisher(mqtt_server.url) as client:
             publish(client, topics.telemetry("new-1"), encode_values({"combustible_gas_lel": 3}, TS))
 
         async def stored() -> None:
-            assert [r[:2] for r in await rows(pipeline_conn)] == [("new-1", "combustible_gas_lel")]
+            assert [r[:2] for r in await rows(fleet_conn)] == [("new-1", "combustible_gas_lel")]
 
         await eventually(stored)
-    assert await dead_letters(pipeline_conn) == []
+    assert await dead_letters(fleet_conn) == []
 
 
 async def test_a_permanent_data_error_dead_letters_only_its_message(
-    pipeline_conn: AsyncConn,
+    fleet_conn: AsyncConn,
     database_url: str,
     mqtt_server: MqttServer,
     topic_root: str,
@@ -219,7 +210,7 @@ async def test_a_permanent_data_error_dead_letters_only_its_message(
     catalogue: Catalogue,
 ) -> None:
     # A constraint the decoder knows nothing of stands in for any permanent data error (SQLSTATE 22/23).
-    await pipeline_conn.execute("ALTER TABLE readings ADD CONSTRAINT test_cap CHECK (value < 1000000)")
+    await fleet_conn.execute("ALTER TABLE readings ADD CONSTRAINT test_cap CHECK (value < 1000000)")
     settings = pipeline_settings(database_url, mqtt_server, topic_root, tmp_path, batch_interval=0.5)
     topics = Topics(topic_root)
     bad = encode_compact([(TS, "pm25", 5e6), (TS + 1, "pm25", 1)])
@@ -231,18 +222,18 @@ async def test_a_permanent_data_error_dead_letters_only_its_message(
                     publish(client, topics.telemetry("aq-1"), bad)
 
         async def settled() -> None:
-            assert len(await rows(pipeline_conn)) == 6
-            assert len(await dead_letters(pipeline_conn)) == 1
+            assert len(await rows(fleet_conn)) == 6
+            assert len(await dead_letters(fleet_conn)) == 1
 
         await eventually(settled)
         assert running.pipeline.ingest_metrics.data_errors._value.get() == 1
-    ((reason, device, readings, payload),) = await dead_letters(pipeline_conn)
+    ((reason, device, readings, payload),) = await dead_letters(fleet_conn)
     assert (reason, device, readings, bytes(payload)) == ("data_error", "aq-1", 2, bad)
-    assert {r[1] for r in await rows(pipeline_conn)} == {"pm10"}
+    assert {r[1] for r in await rows(fleet_conn)} == {"pm10"}
 
 
 async def test_falls_back_to_mqtt_311_when_the_broker_does_not_speak_5(
-    pipeline_conn: AsyncConn, database_url: str, topic_root: str, tmp_path: Path, catalogue: Catalogue
+    fleet_conn: AsyncConn, database_url: str, topic_root: str, tmp_path: Path, catalogue: Catalogue
 ) -> None:
     with EmbeddedBroker(tmp_path / "broker") as broker:  # its 3.1.1 listener refuses MQTT 5
         server = MqttServer(broker.url_v311, broker.url_v311, shared_subscriptions=False)
@@ -253,6 +244,6 @@ async def test_falls_back_to_mqtt_311_when_the_broker_does_not_speak_5(
                 publish(client, Topics(topic_root).telemetry("aq-1"), encode_values({"pm25": 7}, TS))
 
             async def stored() -> None:
-                assert [r[:2] for r in await rows(pipeline_conn)] == [("aq-1", "pm25")]
+                assert [r[:2] for r in await rows(fleet_conn)] == [("aq-1", "pm25")]
 
             await eventually(stored)

@@ -100,12 +100,6 @@ def expected(batch: list[tuple[str, bytes, set[tuple[str, str, int]]]]) -> set[t
     return set().union(*(r for *_, r in batch))
 
 
-@pytest.fixture
-async def fleet_conn(migrated_conn: AsyncConn) -> AsyncConn:
-    await register_fleet(migrated_conn)
-    return migrated_conn
-
-
 async def test_sigkill_mid_stream_loses_nothing_and_doubles_nothing(
     fleet_conn: AsyncConn, database_url: str, mqtt_server: MqttServer, topic_root: str, tmp_path: Path
 ) -> None:
