@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
@@ -23,7 +22,7 @@ from cityops.logs import configure_logging
 from cityops.registry import FileFormat, import_fleet, list_devices, parse_fleet
 from cityops.services import configured_services, database_url
 from cityops.settings import Settings, load_settings
-from cityops.up import run_up, utc_now
+from cityops.up import run_up, stop_on_signals, utc_now
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,11 +151,9 @@ async def _run_component(component: Component, settings: Settings, catalogue: Ca
     """One component on its own, against configured services (or those of a running `cityops up`)."""
     services = configured_services(settings)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    print(component.describe(settings, services), file=sys.stderr, flush=True)
-    await component.run(settings, catalogue, services, stop)
+    with stop_on_signals(stop):
+        print(component.describe(settings, services), file=sys.stderr, flush=True)
+        await component.run(settings, catalogue, services, stop)
     return 0
 
 

@@ -81,7 +81,7 @@ async def run_up(
 ) -> None:
     """Run until SIGINT/SIGTERM (or ``stop`` is set); ``ready`` is awaited once everything runs."""
     stop = stop or asyncio.Event()
-    with _stop_on_signals(stop):
+    with stop_on_signals(stop):
         async with resolve_services(settings) as endpoints:
             async with connection(endpoints.database_url) as conn:
                 report = await migrate(conn, settings, catalogue)
@@ -121,7 +121,7 @@ async def run_up(
 
 
 @contextlib.contextmanager
-def _stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
+def stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
     loop = asyncio.get_running_loop()
     installed = []
     for sig in (signal.SIGINT, signal.SIGTERM):
