@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
+from zoneinfo import ZoneInfo
 
 from cityops.catalogue import Catalogue
 from cityops.model import Domain, Row
@@ -26,7 +28,7 @@ from rules.conditions import (
     WindowState,
     new_state,
 )
-from rules.spec import Composite, Leaf, NoData, RuleSpec
+from rules.spec import Composite, Leaf, NoData, RuleSpec, Schedule
 
 Clock = Callable[[], int]  # epoch microseconds
 
@@ -58,6 +60,34 @@ class Signal:
     observations: int = 1  # readings that kept it firing in this batch
 
 
+MINUTE_US = 60 * US
+
+
+class _Hours:
+    """Whether an instant falls in a schedule's local hours; cached per minute (schedules are HH:MM)."""
+
+    __slots__ = ("_active", "_minute", "end", "start", "zone")
+
+    def __init__(self, schedule: Schedule) -> None:
+        self.zone = ZoneInfo(schedule.timezone)
+        self.start = schedule.start.hour * 60 + schedule.start.minute
+        self.end = schedule.end.hour * 60 + schedule.end.minute
+        self._minute = -1
+        self._active = False
+
+    def active(self, time_us: int) -> bool:
+        minute = time_us // MINUTE_US
+        if minute != self._minute:
+            local = datetime.fromtimestamp(minute * 60, self.zone)
+            of_day = local.hour * 60 + local.minute
+            if self.start < self.end:
+                self._active = self.start <= of_day < self.end
+            else:  # wraps midnight
+                self._active = of_day >= self.start or of_day < self.end
+            self._minute = minute
+        return self._active
+
+
 @dataclass(slots=True)
 class _Compiled:
     spec: RuleSpec
@@ -66,6 +96,7 @@ class _Compiled:
     scope: str  # device | district
     any_of: bool
     lateness_us: int
+    hours: _Hours | None
 
 
 _SLIDING = (WindowState, RateOfChangeState)
@@ -107,7 +138,8 @@ class Evaluator:
         metric_ids = [self._catalogue.metrics[leaf.metric].id if leaf.metric else None for leaf in leaves]
         scope = spec.condition.scope if isinstance(spec.condition, Composite) else "device"
         any_of = composite and spec.condition.type == "any"
-        return _Compiled(spec, leaves, metric_ids, scope, any_of, int(spec.allowed_lateness_s * US))
+        hours = _Hours(spec.schedule) if spec.schedule else None
+        return _Compiled(spec, leaves, metric_ids, scope, any_of, int(spec.allowed_lateness_s * US), hours)
 
     def _forget(self, name: str) -> None:
         for key in [k for k in self._states if k[0] == name]:
@@ -160,6 +192,9 @@ class Evaluator:
                     continue  # late: stored, but no longer allowed to change what was decided
                 if not self._selects(rule, device):
                     continue
+                if rule.hours is not None and not rule.hours.active(time_us):
+                    self._off_hours(rule, device, index, time_us, out)
+                    continue
                 state = self._state(rule, device.external_id, index)
                 if not in_order and not isinstance(state, _SLIDING):
                     continue
@@ -176,6 +211,9 @@ class Evaluator:
             device = self._devices.get(device_id)
             if rule is None or device is None:
                 continue
+            if rule.hours is not None and not rule.hours.active(now):
+                self._off_hours(rule, device, index, now, out)
+                continue
             self._settle(rule, device, index, state.tick(now), state.value, now, out)
         return list(out.values())
 
@@ -189,6 +227,14 @@ class Evaluator:
             for rule, index in entries:
                 if isinstance(rule.leaves[index], NoData) and self._selects(rule, device):
                     self._state(rule, device.external_id, index)
+
+    def _off_hours(
+        self, rule: _Compiled, device: DeviceInfo, index: int, at_us: int, out: dict[tuple[str, str], Signal]
+    ) -> None:
+        """Outside a rule's hours its state starts over (a night breach is not a day one) and it clears."""
+        state = self._states.pop((rule.spec.name, device.external_id, index), None)
+        if state is not None:
+            self._settle(rule, device, index, Status.INACTIVE, state.value, at_us, out)
 
     def _state(self, rule: _Compiled, device: str, index: int) -> ConditionState:
         key = (rule.spec.name, device, index)

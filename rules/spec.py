@@ -6,10 +6,12 @@ matter); evaluation never touches pydantic (see :mod:`rules.conditions`).
 
 from __future__ import annotations
 
+from datetime import time
 from enum import StrEnum
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
 import yaml
@@ -163,6 +165,30 @@ class Selector(_Spec):
     tags: dict[str, str] = Field(default_factory=dict)
 
 
+class Schedule(_Spec):
+    """The local hours a rule applies (GB 3096 day 06–22, night 22–06); ``start`` > ``end`` wraps midnight.
+
+    Outside its hours a rule is inactive: an alert it raised clears when the hours end, and the
+    rule for the other hours (with its own limit) takes over.
+    """
+
+    start: time
+    end: time
+    timezone: str = "Asia/Shanghai"
+
+    @model_validator(mode="after")
+    def _valid(self) -> Schedule:
+        if self.start == self.end:
+            raise ValueError("start and end must differ")
+        if self.start.second or self.end.second or self.start.microsecond or self.end.microsecond:
+            raise ValueError("start and end are whole minutes (HH:MM)")
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {self.timezone!r}") from None
+        return self
+
+
 class RuleSpec(_Spec):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,99}$")
     description: str = ""
@@ -172,6 +198,7 @@ class RuleSpec(_Spec):
     labels: dict[str, str] = Field(default_factory=dict)
     message: str = Field(default="{rule} on {device}: {metric} = {value}", max_length=500)
     source: str = Field(min_length=1, description="the standard or document the rule comes from")
+    schedule: Schedule | None = None
     enabled: bool = True
     flap_window_s: Seconds = 900
     allowed_lateness_s: Seconds = 300

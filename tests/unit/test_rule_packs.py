@@ -37,8 +37,22 @@ def test_packs_cover_the_reference_thresholds() -> None:
         "dissolved_oxygen",
         "average_speed",
         "congestion_index",
+        "laeq",
     ):
         assert metric in watched, metric
     levels = {r.name: r.condition for r in packs["drainage"]}
     assert levels["drainage-ponding-15cm"].value == 15 and levels["drainage-ponding-25cm"].value == 25  # type: ignore[union-attr]
     assert levels["rainstorm-red"].window_s == 10800 and levels["rainstorm-red"].value == 100  # type: ignore[union-attr]
+
+
+def test_noise_pack_has_day_and_night_limits_for_every_zone_class() -> None:
+    limits = {
+        (r.selector.tags["zone_class"], r.schedule.start.hour): r.condition.value  # type: ignore[union-attr]
+        for r in default_packs(CATALOGUE)["noise_gb3096"]
+        if r.severity == "low"
+    }
+    expected = {"0": (50, 40), "1": (55, 45), "2": (60, 50), "3": (65, 55), "4a": (70, 55), "4b": (70, 60)}
+    assert limits == {
+        **{(c, 6): day for c, (day, _) in expected.items()},
+        **{(c, 22): night for c, (_, night) in expected.items()},
+    }

@@ -193,3 +193,49 @@ def test_the_latest_reading_again_changes_nothing() -> None:
     first = summary(ev.observe(PD1, rows("ponding_depth", (0, 20))))
     assert first == [("ponding", "pd-1", Status.FIRING, 20.0, 1)]
     assert ev.observe(PD1, rows("ponding_depth", (0, 20))) == []  # redelivered: no second count
+
+
+NOISE = DeviceInfo(5, "nm-1", "environment", "noise_monitor", Domain.NOISE, "yuexiu", {"zone_class": "2"})
+# 2026-07-01 00:00 Asia/Shanghai, in UTC seconds: local 21:00 is HOUR * 21 after it.
+MIDNIGHT_LOCAL = 1782835200
+HOUR = 3600
+
+
+def test_schedule_hands_over_from_the_day_limit_to_the_night_limit() -> None:
+    night = {
+        "name": "night",
+        "selector": {"tags": {"zone_class": "2"}},
+        "schedule": {"start": "22:00", "end": "06:00"},
+        "condition": {"type": "threshold", "metric": "laeq", "op": ">", "value": 50, "clear": 48},
+    }
+    day = {**night, "name": "day", "schedule": {"start": "06:00", "end": "22:00"}}
+    day["condition"] = {**night["condition"], "value": 60, "clear": 58}  # type: ignore[dict-item]
+    clock = Clock()
+    ev = Evaluator(rules(night, day), CAT, clock)
+    at = MIDNIGHT_LOCAL + 21 * HOUR  # 21:00 local: day hours, 55 dB is within the day limit
+    assert ev.observe(NOISE, rows("laeq", (at, 55))) == []
+    at = MIDNIGHT_LOCAL + 22 * HOUR  # 22:00: night hours, 55 dB breaks the night limit
+    assert summary(ev.observe(NOISE, rows("laeq", (at, 55)))) == [("night", "nm-1", Status.FIRING, 55.0, 1)]
+    # 06:00 next morning, still 55 dB: the night rule clears when its hours end, the day rule is quiet.
+    at = MIDNIGHT_LOCAL + 30 * HOUR
+    assert summary(ev.observe(NOISE, rows("laeq", (at, 55)))) == [("night", "nm-1", Status.INACTIVE, 55.0, 1)]
+
+
+def test_schedule_ends_a_firing_rule_on_the_clock_without_readings() -> None:
+    night = {
+        "name": "night",
+        "selector": {"tags": {"zone_class": "2"}},
+        "schedule": {"start": "22:00", "end": "06:00"},
+        "condition": {"type": "threshold", "metric": "laeq", "op": ">", "value": 50},
+    }
+    clock = Clock()
+    ev = Evaluator(rules(night), CAT, clock)
+    clock.now = (MIDNIGHT_LOCAL + 5 * HOUR) * S
+    assert [s.status for s in ev.observe(NOISE, rows("laeq", (MIDNIGHT_LOCAL + 5 * HOUR, 70)))] == [
+        Status.FIRING
+    ]
+    clock.now = (MIDNIGHT_LOCAL + 5 * HOUR + 59 * 60) * S  # 05:59 local: still night
+    assert [s.status for s in ev.tick()] == [Status.FIRING]
+    clock.now = (MIDNIGHT_LOCAL + 6 * HOUR) * S  # 06:00 local
+    assert [s.status for s in ev.tick()] == [Status.INACTIVE]
+    assert ev.tick() == []
