@@ -50,6 +50,9 @@ class WriteResult:
     dead_letters: int
     time_range_us: tuple[int, int] | None
     device_ids: frozenset[int] = field(default_factory=frozenset)
+    # The segments with only the rows this write inserted (a redelivered row is not among them): what
+    # the rules evaluate, so that the same readings twice never count twice.
+    inserted: list[Segment] = field(default_factory=list)
 
 
 class BatchWriter:
@@ -173,7 +176,7 @@ class BatchWriter:
 
     async def _commit(self, conn: AsyncConn, batch: Batch) -> WriteResult:
         merged = False
-        inserted = batch.rows
+        segments = batch.segments
         async with conn.transaction():
             if batch.segments:
                 try:
@@ -181,11 +184,12 @@ class BatchWriter:
                         await _copy_readings(conn, "readings", batch.segments)
                 except pg_errors.UniqueViolation:
                     merged = True
-                    inserted = await _merge_through_stage(conn, batch.segments)
+                    segments = await _merge_through_stage(conn, batch.segments)
             if batch.dead_letters:
                 await _write_dead_letters(conn, batch.dead_letters)
             if batch.statuses:
                 await _write_statuses(conn, batch)
+        inserted = sum(len(s.rows) for s in segments)
         self._metrics.rows_inserted.inc(inserted)
         self._metrics.rows_duplicate.inc(batch.rows - inserted)
         if merged:
@@ -197,6 +201,7 @@ class BatchWriter:
             dead_letters=len(batch.dead_letters),
             time_range_us=batch.time_range_us(),
             device_ids=frozenset(s.device_id for s in batch.segments),
+            inserted=segments,
         )
 
 
@@ -209,16 +214,29 @@ async def _copy_readings(conn: AsyncConn, table: str, segments: list[Segment]) -
         await pipe.write(data)
 
 
-async def _merge_through_stage(conn: AsyncConn, segments: list[Segment]) -> int:
+async def _merge_through_stage(conn: AsyncConn, segments: list[Segment]) -> list[Segment]:
+    """Insert what is new; the segments cut down to the rows that were inserted."""
     await conn.execute(_CREATE_STAGE)
     await _copy_readings(conn, _STAGE, segments)
     cursor = await conn.execute(
         f"INSERT INTO readings {copy.COLUMNS} "
         f"SELECT time, device_id, metric_id, value, quality FROM {_STAGE} "
-        "ON CONFLICT (device_id, metric_id, time) DO NOTHING"
+        "ON CONFLICT (device_id, metric_id, time) DO NOTHING "
+        "RETURNING device_id, metric_id, (extract(epoch FROM time) * 1000000)::bigint"
     )
+    new = set(await cursor.fetchall())
     await conn.execute(f"TRUNCATE {_STAGE}")
-    return max(cursor.rowcount, 0)
+    kept: list[Segment] = []
+    for segment in segments:
+        rows = []
+        for row in segment.rows:
+            key = (segment.device_id, row[1], row[0])
+            if key in new:
+                new.discard(key)  # a duplicate inside the batch was inserted once
+                rows.append(row)
+        if rows:
+            kept.append(Segment(segment.device_id, rows, segment.source, segment.device))
+    return kept
 
 
 async def _write_dead_letters(conn: AsyncConn, letters: list[DeadLetter]) -> None:
@@ -295,6 +313,7 @@ def _combine(results: list[WriteResult]) -> WriteResult:
         dead_letters=sum(r.dead_letters for r in results),
         time_range_us=(min(s[0] for s in spans), max(s[1] for s in spans)) if spans else None,
         device_ids=frozenset().union(*(r.device_ids for r in results)),
+        inserted=[s for r in results for s in r.inserted],
     )
 
 
