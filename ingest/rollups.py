@@ -20,9 +20,9 @@ import psycopg
 
 from cityops.db.connection import AsyncConn, connection
 from cityops.db.maintenance import refresh_rollups
+from cityops.db.retry import is_transient
 from cityops.settings import StorageMode
 from ingest.metrics import IngestMetrics
-from ingest.retry import is_transient
 from ingest.writer import DAY_US, WriteResult
 
 log = logging.getLogger(__name__)

@@ -22,12 +22,12 @@ from psycopg import errors as pg_errors
 
 from cityops.db.connection import AsyncConn, connect
 from cityops.db.maintenance import ensure_partitions
+from cityops.db.retry import Backoff, is_transient
 from cityops.model import RejectReason
 from cityops.settings import StorageMode
 from ingest import copy
 from ingest.batch import Batch, DeadLetter, Segment
 from ingest.metrics import IngestMetrics
-from ingest.retry import Backoff, is_transient
 
 log = logging.getLogger(__name__)
 

@@ -6,6 +6,11 @@ alert, the loser's trigger counted on it. A repeat trigger updates the open aler
 last seen); a trigger within the rule's flap window after a resolve reopens the same alert and
 counts a flap. Every transition appends to ``alert_events`` and sends ``NOTIFY cityops_alerts`` in
 the same transaction, so a listener never hears of an event that did not commit.
+
+An alert that opens while a silence matches its labels is recorded with that silence's id: nothing
+is hidden from the record, and the feed and notifications can leave it out. Operators move alerts
+through :mod:`rules.actions`; the rules never undo an acknowledgement or a shelving, they only
+update the alert and, when the condition clears, resolve it.
 """
 
 from __future__ import annotations
@@ -30,9 +35,24 @@ CHANNEL = "cityops_alerts"
 class Transition:
     event_id: int
     alert_id: int
-    kind: str  # opened | reopened | firing | resolved
+    kind: str  # opened | reopened | firing | resolved, and the operators' (see rules.actions)
     from_state: str | None
     to_state: str
+    silenced: bool = False
+
+
+async def notify(conn: AsyncConn, transitions: list[Transition]) -> None:
+    """One NOTIFY per transition, inside the caller's transaction (delivered only on commit)."""
+    for t in transitions:
+        payload = {
+            "event_id": t.event_id,
+            "alert_id": t.alert_id,
+            "kind": t.kind,
+            "state": t.to_state,
+        }
+        if t.silenced:
+            payload["silenced"] = True
+        await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, orjson.dumps(payload).decode()))
 
 
 def fingerprint(rule: str, subject: str) -> str:
@@ -46,8 +66,12 @@ class AlertStore:
         signals: list[Signal],
         rules: Mapping[str, RuleSpec],
         devices: Mapping[str, DeviceInfo],
+        rule_ids: Mapping[str, int] | None = None,
     ) -> list[Transition]:
-        """Write ``signals`` in one transaction; the transitions they caused, in order."""
+        """Write ``signals`` in one transaction; the transitions they caused, in order.
+
+        ``rule_ids`` links new alerts to their row in ``rules`` (rules from files have none).
+        """
         transitions: list[Transition] = []
         # A fixed lock order across writers: no deadlocks between pipelines.
         ordered = sorted(signals, key=lambda s: fingerprint(s.rule, s.subject))
@@ -59,26 +83,14 @@ class AlertStore:
                 if signal.status is Status.INACTIVE:
                     transitions += await self._resolve(conn, signal)
                 else:
-                    transitions += await self._trigger(conn, signal, spec, devices.get(signal.device or ""))
-            for t in transitions:
-                await conn.execute(
-                    "SELECT pg_notify(%s, %s)",
-                    (
-                        CHANNEL,
-                        orjson.dumps(
-                            {
-                                "event_id": t.event_id,
-                                "alert_id": t.alert_id,
-                                "kind": t.kind,
-                                "state": t.to_state,
-                            }
-                        ).decode(),
-                    ),
-                )
+                    device = devices.get(signal.device or "")
+                    rule_id = (rule_ids or {}).get(signal.rule)
+                    transitions += await self._trigger(conn, signal, spec, device, rule_id)
+            await notify(conn, transitions)
         return transitions
 
     async def _trigger(
-        self, conn: AsyncConn, signal: Signal, spec: RuleSpec, device: DeviceInfo | None
+        self, conn: AsyncConn, signal: Signal, spec: RuleSpec, device: DeviceInfo | None, rule_id: int | None
     ) -> list[Transition]:
         fp = fingerprint(signal.rule, signal.subject)
         at = _dt(signal.at_us)
@@ -107,7 +119,7 @@ class AlertStore:
         reopened = await self._reopen(conn, fp, signal, spec, wanted)
         if reopened is not None:
             return [reopened]
-        return await self._open(conn, fp, signal, spec, device, wanted)
+        return await self._open(conn, fp, signal, spec, device, wanted, rule_id)
 
     async def _reopen(
         self, conn: AsyncConn, fp: str, signal: Signal, spec: RuleSpec, wanted: AlertState
@@ -144,6 +156,7 @@ class AlertStore:
         spec: RuleSpec,
         device: DeviceInfo | None,
         wanted: AlertState,
+        rule_id: int | None,
     ) -> list[Transition]:
         at = _dt(signal.at_us)
         labels = {**spec.labels, "rule": spec.name, "subject": signal.subject}
@@ -159,18 +172,21 @@ class AlertStore:
         cur = await conn.execute(
             """
             INSERT INTO alerts (fingerprint, rule_id, state, severity, tenant, labels, summary, evidence,
-                                count, last_value, started_at, last_seen_at)
-            VALUES (%(fp)s, (SELECT id FROM rules WHERE name = %(rule)s ORDER BY id LIMIT 1), %(state)s,
-                    %(severity)s, %(tenant)s, %(labels)s, %(summary)s, %(evidence)s, %(n)s, %(value)s,
-                    %(at)s, %(at)s)
+                                count, last_value, started_at, last_seen_at, silence_id)
+            VALUES (%(fp)s, %(rule_id)s, %(state)s, %(severity)s, %(tenant)s, %(labels)s, %(summary)s,
+                    %(evidence)s, %(n)s, %(value)s, %(at)s, %(at)s,
+                    (SELECT id FROM silences
+                     WHERE starts_at <= %(at)s AND ends_at > %(at)s
+                       AND (tenant IS NULL OR tenant = %(tenant)s) AND %(labels)s::jsonb @> matchers
+                     ORDER BY id LIMIT 1))
             ON CONFLICT (fingerprint) WHERE state <> 'resolved' DO UPDATE SET
                 count = alerts.count + excluded.count, last_value = excluded.last_value,
                 last_seen_at = greatest(alerts.last_seen_at, excluded.last_seen_at), updated_at = now()
-            RETURNING id, (xmax = 0) AS inserted
+            RETURNING id, (xmax = 0) AS inserted, silence_id
             """,
             {
                 "fp": fp,
-                "rule": spec.name,
+                "rule_id": rule_id,
                 "state": wanted.value,
                 "severity": spec.severity.value,
                 "tenant": labels.get("tenant", spec.selector.tenant or "all"),
@@ -186,10 +202,11 @@ class AlertStore:
         )
         row = await cur.fetchone()
         assert row is not None
-        alert_id, inserted = row
+        alert_id, inserted, silence_id = row
         if not inserted:
             return []  # a concurrent writer opened it first; this trigger was counted on it
-        return [await _event(conn, alert_id, "opened", None, wanted.value, signal)]
+        opened = await _event(conn, alert_id, "opened", None, wanted.value, signal, silence_id=silence_id)
+        return [opened]
 
     async def _resolve(self, conn: AsyncConn, signal: Signal) -> list[Transition]:
         cur = await conn.execute(
@@ -211,23 +228,42 @@ class AlertStore:
 
 
 async def _event(
-    conn: AsyncConn, alert_id: int, kind: str, before: str | None, after: str, signal: Signal
+    conn: AsyncConn,
+    alert_id: int,
+    kind: str,
+    before: str | None,
+    after: str,
+    signal: Signal,
+    *,
+    silence_id: int | None = None,
 ) -> Transition:
+    detail: dict[str, object] = {"value": signal.value, "metric": signal.metric}
+    if silence_id is not None:
+        detail["silence_id"] = silence_id
+    event_id = await record_event(conn, alert_id, kind, before, after, "rules", detail, _dt(signal.at_us))
+    return Transition(event_id, alert_id, kind, before, after, silenced=silence_id is not None)
+
+
+async def record_event(
+    conn: AsyncConn,
+    alert_id: int,
+    kind: str,
+    before: str | None,
+    after: str | None,
+    actor: str,
+    detail: Mapping[str, object],
+    at: datetime | None = None,
+) -> int:
+    """Append to ``alert_events``; its id is the feed's event id. ``at`` defaults to the database's now."""
     cur = await conn.execute(
         "INSERT INTO alert_events (alert_id, at, kind, from_state, to_state, actor, detail) "
-        "VALUES (%s, %s, %s, %s, %s, 'rules', %s) RETURNING id",
-        (
-            alert_id,
-            _dt(signal.at_us),
-            kind,
-            before,
-            after,
-            orjson.dumps({"value": signal.value, "metric": signal.metric}).decode(),
-        ),
+        "VALUES (%s, coalesce(%s, now()), %s, %s, %s, %s, %s) RETURNING id",
+        (alert_id, at, kind, before, after, actor, orjson.dumps(detail).decode()),
     )
     row = await cur.fetchone()
     assert row is not None
-    return Transition(row[0], alert_id, kind, before, after)
+    event_id: int = row[0]
+    return event_id
 
 
 def _summary(spec: RuleSpec, signal: Signal) -> str:

@@ -9,10 +9,10 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 import pytest
 
+from cityops.db.retry import Backoff, is_transient
 from cityops.errors import DatabaseError
 from ingest import copy
 from ingest.batch import Batch, MessageSource, Segment
-from ingest.retry import Backoff, is_transient
 from ingest.rollups import RollupTracker
 from ingest.writer import DAY_US, WriteResult, _runs
 
