@@ -142,6 +142,21 @@ class Settings(BaseSettings):
     shutdown_timeout: PositiveSeconds = Field(default=30.0, description="seconds to drain on SIGTERM")
     pipeline_metrics_port: int = Field(default=9108, ge=0, le=65535, description="Prometheus; 0: off")
 
+    # --- rules ----------------------------------------------------------------------------------
+    rules_enabled: bool = Field(default=True, description="evaluate rules in the pipeline")
+    rules_install_defaults: bool = Field(
+        default=True, description="install the default rule packs when the rules table is empty"
+    )
+    rules_tick_interval: PositiveSeconds = Field(
+        default=1.0, description="seconds between timer checks (no_data, `for`, shelve expiry)"
+    )
+    rules_replay_max_hours: float = Field(
+        default=26.0,
+        gt=0,
+        le=24 * 31,
+        description="on start, rule state is rebuilt from at most this much recent history",
+    )
+
     # --- API ------------------------------------------------------------------------------------
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8080, ge=0, le=65535)

@@ -2,11 +2,15 @@
 
 intake (event loop)           writer (event loop)                paho thread
   drain the session's inbox     commit a batch (retrying)          receive, timestamp, append
-  decode, validate, batch  ──►  PUBACK its messages          ◄──   (bounded by receive_maximum)
-  flush on size or interval     note rollups
+  decode, validate, batch  ──►  evaluate the rows it inserted,     (bounded by receive_maximum)
+  flush on size or interval     write their alerts (retrying)
+                                PUBACK its messages          ◄──
+                                note rollups
 
-At most one built batch waits for the writer: when the database is slow the intake stops draining,
-the inbox fills to the in-flight bound, and the broker holds everything else.
+Rules see only the rows a commit inserted, so a redelivered batch changes no alert; a batch is
+acknowledged after its alerts are written too. At most one built batch waits for the writer: when
+the database is slow the intake stops draining, the inbox fills to the in-flight bound, and the
+broker holds everything else.
 
 Shutdown (SIGTERM/SIGINT or ``stop``): the intake stops taking messages and hands over its last
 batch; the writer commits and acknowledges what it holds, within ``shutdown_timeout``; then the
@@ -19,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from wsgiref.simple_server import WSGIServer
@@ -32,6 +36,7 @@ from cityops.components import Services
 from cityops.db.connection import connection
 from cityops.db.migrate import recorded_mode
 from cityops.errors import MigrationError
+from cityops.model import Row
 from cityops.settings import Settings, StorageMode
 from cityops.topics import Topics
 from gateway.batcher import Batcher, PendingBatch
@@ -39,9 +44,13 @@ from gateway.metrics import GatewayMetrics
 from gateway.presence import run_presence_writer
 from gateway.registry import DeviceRegistry
 from gateway.session import MqttSession
+from ingest.batch import Segment
 from ingest.metrics import IngestMetrics
 from ingest.rollups import RollupTracker, run_rollup_refresher
 from ingest.writer import BatchWriter
+from rules import evaluator
+from rules.engine import RuleEngine
+from rules.metrics import RuleMetrics
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +73,38 @@ class Pipeline:
         self.registry = self.metrics_registry or CollectorRegistry()
         self.gateway_metrics = GatewayMetrics(self.registry)
         self.ingest_metrics = IngestMetrics(self.registry)
+        self.rule_metrics = RuleMetrics(self.registry)
         self.last_seen: dict[int, int] = {}
         self.tracker = RollupTracker()
 
     async def run(self, stop: asyncio.Event, ready: Callable[[], Awaitable[None]] | None = None) -> None:
+        async with contextlib.AsyncExitStack() as resources:
+            mode = await self._storage_mode()
+            devices = DeviceRegistry(self.services.database_url, self.gateway_metrics)
+            await devices.load()
+            self.rule_devices = RuleDevices(devices, self.catalogue)
+            self.engine: RuleEngine | None = None
+            if self.settings.rules_enabled:
+                self.engine = await resources.enter_async_context(
+                    RuleEngine(
+                        self.services.database_url,
+                        self.catalogue,
+                        self.settings,
+                        self.rule_metrics,
+                        self.now_us,
+                    )
+                )
+                await self.engine.start(self.rule_devices.all())
+            await self._run(mode, devices, stop, ready)
+
+    async def _run(
+        self,
+        mode: StorageMode,
+        devices: DeviceRegistry,
+        stop: asyncio.Event,
+        ready: Callable[[], Awaitable[None]] | None,
+    ) -> None:
         s = self.settings
-        mode = await self._storage_mode()
-        devices = DeviceRegistry(self.services.database_url, self.gateway_metrics)
-        await devices.load()
         session = MqttSession(
             s,
             self.services.mqtt_url,
@@ -115,6 +148,14 @@ class Pipeline:
                 name="rollup-refresher",
             ),
         ]
+        if self.engine is not None:
+            helpers += [
+                asyncio.create_task(self.engine.follow_changes(helpers_stop), name="rules-listener"),
+                asyncio.create_task(
+                    self.engine.run_ticker(helpers_stop, before_tick=self._sync_rule_devices),
+                    name="rules-ticker",
+                ),
+            ]
         metrics_server = self._serve_metrics()
         intake = asyncio.create_task(self._intake(session, batcher, devices, queue, stop), name="intake")
         committer = asyncio.create_task(self._commit_loop(session, writer, queue), name="writer")
@@ -219,12 +260,19 @@ class Pipeline:
             if pending is None:
                 return
             result = await writer.write(pending.batch)
+            if self.engine is not None and result.inserted:
+                await self.engine.evaluate(self.rule_devices.segments(result.inserted))
             session.ack(pending.messages)
             if pending.messages:
                 oldest = pending.messages[0].received_us  # messages are in arrival order
                 self.gateway_metrics.ack_lag.observe(max(0.0, (self.now_us() - oldest) / 1_000_000))
             self.ingest_metrics.batch_rows.observe(result.rows_offered)
             self.tracker.note(result)
+
+    def _sync_rule_devices(self) -> None:
+        assert self.engine is not None
+        if self.rule_devices.refresh():
+            self.engine.set_devices(self.rule_devices.all())
 
     # --- shutdown --------------------------------------------------------------------------------
     async def _shutdown(
@@ -262,6 +310,51 @@ class Pipeline:
         await asyncio.gather(*helpers, return_exceptions=True)
         await writer.close()
         log.info("pipeline stopped", extra={"seconds": round(time.monotonic() - started, 2)})
+
+
+class RuleDevices:
+    """The gateway's registry as the rule engine sees it: the domain from the kind, the tags.
+
+    Rebuilt lazily when the registry reloads (its ``version`` moves).
+    """
+
+    def __init__(self, registry: DeviceRegistry, catalogue: Catalogue) -> None:
+        self._registry = registry
+        self._catalogue = catalogue
+        self._version = -1
+        self._devices: dict[str, evaluator.DeviceInfo] = {}
+        self.refresh()
+
+    def refresh(self) -> bool:
+        """Catch up with the registry; True when it had changed."""
+        if self._version == self._registry.version:
+            return False
+        kinds = self._catalogue.kinds
+        self._devices = {
+            d.external_id: evaluator.DeviceInfo(
+                d.id,
+                d.external_id,
+                d.tenant,
+                d.kind,
+                kinds[d.kind].domain if d.kind in kinds else None,
+                d.district,
+                d.tags,
+            )
+            for d in self._registry.all()
+            if d.enabled
+        }
+        self._version = self._registry.version
+        return True
+
+    def all(self) -> list[evaluator.DeviceInfo]:
+        return list(self._devices.values())
+
+    def segments(self, inserted: list[Segment]) -> Iterator[tuple[evaluator.DeviceInfo, list[Row]]]:
+        self.refresh()
+        for segment in inserted:
+            device = self._devices.get(segment.device or "")
+            if device is not None:
+                yield device, segment.rows
 
 
 async def _set_on(source: asyncio.Event, target: asyncio.Event) -> None:

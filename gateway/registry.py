@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import psycopg
 
@@ -32,6 +33,7 @@ class DeviceInfo:
     kind: str
     district: str | None
     enabled: bool
+    tags: Mapping[str, str] = field(default_factory=dict)
 
 
 class DeviceRegistry:
@@ -40,12 +42,16 @@ class DeviceRegistry:
         self._metrics = metrics
         self._devices: dict[str, DeviceInfo] = {}
         self._miss_reload_at = float("-inf")
+        self.version = 0  # bumped on every load: consumers rebuild what they derived from it
 
     def get(self, external_id: str) -> DeviceInfo | None:
         return self._devices.get(external_id)
 
     def __len__(self) -> int:
         return len(self._devices)
+
+    def all(self) -> list[DeviceInfo]:
+        return list(self._devices.values())
 
     async def load(self, conn: AsyncConn | None = None) -> None:
         if conn is None:
@@ -58,8 +64,11 @@ class DeviceRegistry:
             await self._load(conn)
 
     async def _load(self, conn: AsyncConn) -> None:
-        cursor = await conn.execute("SELECT id, external_id, tenant, kind, district, enabled FROM devices")
+        cursor = await conn.execute(
+            "SELECT id, external_id, tenant, kind, district, enabled, tags FROM devices"
+        )
         self._devices = {row[1]: DeviceInfo(*row) for row in await cursor.fetchall()}
+        self.version += 1
         self._metrics.devices_known.set(len(self._devices))
 
     async def reload_for_miss(self) -> bool:

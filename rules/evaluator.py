@@ -22,13 +22,14 @@ from cityops.model import Domain, Row
 from rules.conditions import (
     US,
     ConditionState,
+    FlatlineState,
     NoDataState,
     RateOfChangeState,
     Status,
     WindowState,
     new_state,
 )
-from rules.spec import Composite, Leaf, NoData, RuleSpec, Schedule
+from rules.spec import Composite, Flatline, Leaf, NoData, Range, RateOfChange, RuleSpec, Schedule, Threshold
 
 Clock = Callable[[], int]  # epoch microseconds
 
@@ -217,16 +218,57 @@ class Evaluator:
             self._settle(rule, device, index, state.tick(now), state.value, now, out)
         return list(out.values())
 
-    def watch_for_silence(self, device: DeviceInfo) -> None:
-        """Start no_data timers for a device that may never report (called for registered devices)."""
+    def watch_for_silence(self, device: DeviceInfo, last_seen_us: int | None = None) -> None:
+        """Start no_data timers for a device that may never report (called for registered devices).
+
+        ``last_seen_us``: when it last reported, so that a restart does not reset its silence.
+        """
         self._devices[device.external_id] = device
-        for rule, index in self._by_metric.get(None, ()):
-            if self._selects(rule, device):
-                self._state(rule, device.external_id, index)
         for entries in self._by_metric.values():
             for rule, index in entries:
                 if isinstance(rule.leaves[index], NoData) and self._selects(rule, device):
-                    self._state(rule, device.external_id, index)
+                    state = self._state(rule, device.external_id, index)
+                    if last_seen_us is not None and isinstance(state, NoDataState):
+                        # Never observed here: the registry's word; otherwise the later of the two.
+                        fresh = state.value is None
+                        state.last_us = last_seen_us if fresh else max(state.last_us, last_seen_us)
+
+    @property
+    def devices(self) -> Mapping[str, DeviceInfo]:
+        """Every device the evaluator has seen or watches, by external id."""
+        return self._devices
+
+    @property
+    def rules(self) -> Mapping[str, RuleSpec]:
+        return {name: rule.spec for name, rule in self._rules.items()}
+
+    def statuses(self) -> dict[tuple[str, str], Status]:
+        """The last reported status per (rule, subject): what the open alerts should agree with."""
+        return dict(self._reported)
+
+    def assume_firing(self, rule_name: str, subject: str) -> None:
+        """An open alert says this fired: start its device's states as firing before a replay.
+
+        Hysteresis needs history: a reading between the clear and the firing level keeps a firing
+        rule firing and a quiet one quiet. After a restart the open alert is that history.
+        """
+        rule = self._rules.get(rule_name)
+        if rule is None or rule.scope != "device":
+            return
+        for index, leaf in enumerate(rule.leaves):
+            if isinstance(leaf, NoData):
+                continue
+            state = self._state(rule, subject, index)
+            if hasattr(state, "firing") and not isinstance(state, FlatlineState):
+                state.firing = True
+        self._reported[(rule_name, subject)] = Status.FIRING
+
+    def horizon_us(self, metric_id: int) -> int:
+        """How much history of a metric a replay needs for every rule watching it to be exact."""
+        longest = 0
+        for rule, index in self._by_metric.get(metric_id, ()):
+            longest = max(longest, _leaf_horizon_us(rule.leaves[index]) + rule.lateness_us)
+        return longest
 
     def _off_hours(
         self, rule: _Compiled, device: DeviceInfo, index: int, at_us: int, out: dict[tuple[str, str], Signal]
@@ -289,6 +331,21 @@ class Evaluator:
         if isinstance(state, NoDataState):
             return state.tick(now_us)
         return Status.FIRING if getattr(state, "firing", False) else Status.INACTIVE
+
+
+# A threshold without ``for`` is decided by its last readings (an open alert seeds the hysteresis);
+# this much history covers a device that reports every few minutes.
+RECENT_US = 15 * 60 * US
+
+
+def _leaf_horizon_us(leaf: Leaf) -> int:
+    if isinstance(leaf, Threshold | Range):
+        return int(leaf.for_s * US) + RECENT_US
+    if isinstance(leaf, Flatline):
+        return int(leaf.for_s * US) + RECENT_US
+    if isinstance(leaf, RateOfChange) or not isinstance(leaf, NoData):
+        return int(leaf.window_s * US) + RECENT_US
+    return 0  # no_data: seeded from the device's last_seen
 
 
 def _combine(statuses: list[Status], any_of: bool) -> Status:

@@ -101,7 +101,7 @@ class AlertStore:
                 SELECT id, state FROM alerts WHERE fingerprint = %(fp)s AND state <> 'resolved' FOR UPDATE
             )
             UPDATE alerts a SET
-                count = a.count + %(n)s, last_value = %(value)s,
+                count = a.count + %(n)s, last_value = coalesce(%(value)s, a.last_value),
                 last_seen_at = greatest(a.last_seen_at, %(at)s),
                 state = CASE WHEN a.state = 'pending' THEN %(wanted)s ELSE a.state END,
                 updated_at = now()
@@ -215,7 +215,8 @@ class AlertStore:
                 SELECT id, state FROM alerts WHERE fingerprint = %(fp)s AND state <> 'resolved' FOR UPDATE
             )
             UPDATE alerts a
-            SET state = 'resolved', resolved_at = %(at)s, last_value = %(value)s, updated_at = now()
+            SET state = 'resolved', resolved_at = %(at)s, last_value = coalesce(%(value)s, a.last_value),
+                updated_at = now()
             FROM open WHERE a.id = open.id
             RETURNING a.id, open.state
             """,
