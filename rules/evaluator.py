@@ -215,7 +215,7 @@ class Evaluator:
             if rule.hours is not None and not rule.hours.active(now):
                 self._off_hours(rule, device, index, now, out)
                 continue
-            self._settle(rule, device, index, state.tick(now), state.value, now, out)
+            self._settle(rule, device, index, state.tick(now), state.value, now, out, by_clock=True)
         return list(out.values())
 
     def watch_for_silence(self, device: DeviceInfo, last_seen_us: int | None = None) -> None:
@@ -294,7 +294,11 @@ class Evaluator:
         value: float | None,
         at_us: int,
         out: dict[tuple[str, str], Signal],
+        *,
+        by_clock: bool = False,
     ) -> None:
+        """Combine a leaf's status into its rule's and report it: on a change, or on a reading while
+        firing (a repeat trigger the alert counts). The clock alone reports only changes."""
         name = rule.spec.name
         if rule.scope == "district":
             subject = f"district:{device.district}"
@@ -316,7 +320,7 @@ class Evaluator:
         status = _combine(statuses, rule.any_of) if len(statuses) > 1 else statuses[0]
         key = (name, subject)
         before = self._reported.get(key, Status.INACTIVE)
-        if status is before and status is not Status.FIRING:
+        if status is before and (by_clock or status is not Status.FIRING):
             return
         self._reported[key] = status
         metric = rule.leaves[index].metric
