@@ -13,7 +13,7 @@ import orjson
 
 from cityops import __version__
 from cityops.catalogue import Catalogue, load_default_catalogue
-from cityops.components import Component, discover
+from cityops.components import Component, discover, discover_commands
 from cityops.db.connection import connection, redact
 from cityops.db.maintenance import maintain
 from cityops.db.migrate import migrate, status
@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for component in discover():
         commands.add_parser(component.name, help=component.help)
+    for plugin in discover_commands():
+        plugin.configure(commands.add_parser(plugin.name, help=plugin.help))
     return parser
 
 
@@ -85,6 +87,9 @@ def _dispatch(args: argparse.Namespace, settings: Settings, catalogue: Catalogue
     if args.command == "db":
         handlers = {"migrate": _db_migrate, "status": _db_status, "maintain": _db_maintain}
         return _run(handlers[args.db_command](settings, catalogue))
+    plugins = {p.name: p for p in discover_commands()}
+    if args.command in plugins:
+        return _run(plugins[args.command].run(args, settings, catalogue))
     components = {c.name: c for c in discover()}
     if args.command in components:
         return _run(_run_component(components[args.command], settings, catalogue))

@@ -1,12 +1,14 @@
-"""Long-running components (pipeline, API, simulator) plug into ``cityops`` by entry point.
+"""Long-running components (pipeline, API, simulator) and command groups plug into ``cityops`` by entry point.
 
 The core package imports none of them (dependencies point one way); each component package
 declares itself in the ``cityops.components`` entry-point group, and ``cityops`` discovers it: it
-becomes a subcommand (``cityops pipeline``) and a part of ``cityops up``.
+becomes a subcommand (``cityops pipeline``) and a part of ``cityops up``. Packages add one-shot
+command groups (``cityops rules load-defaults``) the same way, in ``cityops.commands``.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -17,6 +19,7 @@ from cityops.errors import ConfigError
 from cityops.settings import Settings
 
 GROUP = "cityops.components"
+COMMANDS_GROUP = "cityops.commands"
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,3 +55,28 @@ def discover() -> list[Component]:
             raise ConfigError(f"entry point {entry.name} in {GROUP} is not a cityops component")
         found.append(component)
     return sorted(found, key=lambda c: (c.order, c.name))
+
+
+class CommandPlugin(Protocol):
+    """A one-shot command group from another package (``cityops rules …``), by entry point."""
+
+    name: str
+    help: str
+
+    def configure(self, parser: argparse.ArgumentParser) -> None:
+        """Add the command's arguments and subcommands."""
+        ...
+
+    async def run(self, args: argparse.Namespace, settings: Settings, catalogue: Catalogue) -> int:
+        """Do it; the exit status."""
+        ...
+
+
+def discover_commands() -> list[CommandPlugin]:
+    found: list[CommandPlugin] = []
+    for entry in entry_points(group=COMMANDS_GROUP):
+        plugin = entry.load()
+        if not all(hasattr(plugin, attr) for attr in ("name", "help", "configure", "run")):
+            raise ConfigError(f"entry point {entry.name} in {COMMANDS_GROUP} is not a cityops command")
+        found.append(plugin)
+    return sorted(found, key=lambda p: p.name)

@@ -4,7 +4,7 @@ payloads, a redelivery of the same readings, a restart, and the backtest of the 
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
