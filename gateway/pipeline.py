@@ -26,6 +26,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TypeVar
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -47,12 +48,13 @@ from gateway.session import MqttSession
 from ingest.batch import Segment
 from ingest.metrics import IngestMetrics
 from ingest.rollups import RollupTracker, run_rollup_refresher
-from ingest.writer import BatchWriter
+from ingest.writer import BatchWriter, WriteResult
 from rules import evaluator
 from rules.engine import RuleEngine
 from rules.metrics import RuleMetrics
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 def wall_clock_us() -> int:
@@ -254,20 +256,51 @@ class Pipeline:
     async def _commit_loop(
         self, session: MqttSession, writer: BatchWriter, queue: asyncio.Queue[PendingBatch | None]
     ) -> None:
-        while True:
-            pending = await queue.get()
-            self.gateway_metrics.batches_waiting.set(queue.qsize())
-            if pending is None:
-                return
-            result = await writer.write(pending.batch)
-            if self.engine is not None and result.inserted:
-                await self.engine.evaluate(self.rule_devices.segments(result.inserted))
-            session.ack(pending.messages)
-            if pending.messages:
-                oldest = pending.messages[0].received_us  # messages are in arrival order
-                self.gateway_metrics.ack_lag.observe(max(0.0, (self.now_us() - oldest) / 1_000_000))
-            self.ingest_metrics.batch_rows.observe(result.rows_offered)
-            self.tracker.note(result)
+        """Commit batches in order; hand each to the alert stage (or acknowledge it, without rules)."""
+        alerts: asyncio.Queue[tuple[PendingBatch, WriteResult] | None] = asyncio.Queue(maxsize=1)
+        alert_stage = None
+        if self.engine is not None:
+            # Rules are CPU in this process, COPY is CPU in the database's: evaluating batch N while
+            # batch N+1 commits keeps both busy. Batches still reach the rules in commit order, and a
+            # message is acknowledged only after its alerts are written.
+            alert_stage = asyncio.create_task(self._alert_loop(self.engine, session, alerts), name="alerts")
+        try:
+            while True:
+                pending = await queue.get()
+                self.gateway_metrics.batches_waiting.set(queue.qsize())
+                if pending is None:
+                    break
+                result = await writer.write(pending.batch)
+                self.ingest_metrics.batch_rows.observe(result.rows_offered)
+                self.tracker.note(result)
+                if alert_stage is None:
+                    self._acknowledge(session, pending)
+                else:
+                    await _put_unless_done(alerts, (pending, result), alert_stage)
+            if alert_stage is not None:
+                await _put_unless_done(alerts, None, alert_stage)
+                await alert_stage
+        finally:
+            if alert_stage is not None and not alert_stage.done():
+                alert_stage.cancel()
+
+    async def _alert_loop(
+        self,
+        engine: RuleEngine,
+        session: MqttSession,
+        alerts: asyncio.Queue[tuple[PendingBatch, WriteResult] | None],
+    ) -> None:
+        while (item := await alerts.get()) is not None:
+            pending, result = item
+            if result.inserted:
+                await engine.evaluate(self.rule_devices.segments(result.inserted))
+            self._acknowledge(session, pending)
+
+    def _acknowledge(self, session: MqttSession, pending: PendingBatch) -> None:
+        session.ack(pending.messages)
+        if pending.messages:
+            oldest = pending.messages[0].received_us  # messages are in arrival order
+            self.gateway_metrics.ack_lag.observe(max(0.0, (self.now_us() - oldest) / 1_000_000))
 
     def _sync_rule_devices(self) -> None:
         assert self.engine is not None
@@ -355,6 +388,16 @@ class RuleDevices:
             device = self._devices.get(segment.device or "")
             if device is not None:
                 yield device, segment.rows
+
+
+async def _put_unless_done(queue: asyncio.Queue[_T], item: _T, consumer: asyncio.Task[None]) -> None:
+    """Put ``item``, unless the consumer ends first (then its exception, if any, is raised)."""
+    put = asyncio.ensure_future(queue.put(item))
+    await asyncio.wait([put, consumer], return_when=asyncio.FIRST_COMPLETED)
+    if not put.done():
+        put.cancel()
+        consumer.result()
+        raise RuntimeError("the alert stage ended before the writer")
 
 
 async def _set_on(source: asyncio.Event, target: asyncio.Event) -> None:

@@ -110,6 +110,8 @@ class Evaluator:
         self._rules: dict[str, _Compiled] = {}
         self._by_metric: dict[int | None, list[tuple[_Compiled, int]]] = {}
         self._matches: dict[tuple[str, int], bool] = {}
+        # Per (device id, metric id): the (rule, leaf index) pairs whose selector picks that series.
+        self._plans: dict[tuple[int, int | None], list[tuple[_Compiled, int]]] = {}
         self._states: dict[tuple[str, str, int], ConditionState] = {}
         self._firing_devices: dict[tuple[str, str, int], set[str]] = {}  # district scope
         self._reported: dict[tuple[str, str], Status] = {}
@@ -130,6 +132,7 @@ class Evaluator:
             for index, metric_id in enumerate(rule.metric_ids):
                 self._by_metric.setdefault(metric_id, []).append((rule, index))
         self._matches.clear()
+        self._plans.clear()
 
     def _compile(self, spec: RuleSpec) -> _Compiled:
         composite = isinstance(spec.condition, Composite)
@@ -153,6 +156,7 @@ class Evaluator:
     def forget_devices(self) -> None:
         """The registry changed: selector matches are recomputed on next use."""
         self._matches.clear()
+        self._plans.clear()
 
     def _selects(self, rule: _Compiled, device: DeviceInfo) -> bool:
         key = (rule.spec.name, device.id)
@@ -170,29 +174,38 @@ class Evaluator:
         return hit
 
     # --- readings ------------------------------------------------------------------------------
+    def _plan(self, device: DeviceInfo, metric_id: int | None) -> list[tuple[_Compiled, int]]:
+        key = (device.id, metric_id)
+        plan = self._plans.get(key)
+        if plan is None:
+            entries = self._by_metric.get(metric_id, ())
+            plan = self._plans[key] = [
+                (rule, index) for rule, index in entries if self._selects(rule, device)
+            ]
+        return plan
+
     def observe(self, device: DeviceInfo, rows: list[Row]) -> list[Signal]:
         """Advance every rule that watches these rows; the signals of what changed or fires."""
         self._devices[device.external_id] = device
         out: dict[tuple[str, str], Signal] = {}
-        catch_all = self._by_metric.get(None, ())
+        plans, device_id = self._plans, device.id
         for time_us, metric_id, value, _quality in rows:
-            watched = self._by_metric.get(metric_id)
-            if not watched and not catch_all:
+            plan = plans.get((device_id, metric_id))
+            if plan is None:
+                plan = self._plan(device, metric_id)
+            if not plan:
                 continue
-            series = (device.id, metric_id)
+            series = (device_id, metric_id)
             watermark = self._watermarks.get(series)
             if watermark == time_us:
                 continue  # the latest reading again (a redelivery): already evaluated
             in_order = watermark is None or time_us > watermark
             if in_order:
-                self._watermarks[series] = time_us
-                watermark = time_us
+                self._watermarks[series] = watermark = time_us
             assert watermark is not None
-            for rule, index in (*(watched or ()), *catch_all):
+            for rule, index in plan:
                 if not in_order and time_us < watermark - rule.lateness_us:
                     continue  # late: stored, but no longer allowed to change what was decided
-                if not self._selects(rule, device):
-                    continue
                 if rule.hours is not None and not rule.hours.active(time_us):
                     self._off_hours(rule, device, index, time_us, out)
                     continue
@@ -201,7 +214,24 @@ class Evaluator:
                     continue
                 status = state.observe(time_us, value)
                 self._settle(rule, device, index, status, state.value, time_us, out)
+        if rows:
+            self._observe_any_metric(device, rows, out)
         return list(out.values())
+
+    def _observe_any_metric(
+        self, device: DeviceInfo, rows: list[Row], out: dict[tuple[str, str], Signal]
+    ) -> None:
+        """Rules on any reading of a device (``no_data`` without a metric): once per batch, its latest."""
+        plan = self._plans.get((device.id, None))
+        if plan is None:
+            plan = self._plan(device, None)
+        if not plan:
+            return
+        latest = max(rows)
+        for rule, index in plan:
+            state = self._state(rule, device.external_id, index)
+            status = state.observe(latest[0], latest[2])
+            self._settle(rule, device, index, status, state.value, latest[0], out)
 
     def tick(self) -> list[Signal]:
         """What time alone decides: ``for`` durations between sparse readings, ``no_data``."""
@@ -300,6 +330,30 @@ class Evaluator:
         """Combine a leaf's status into its rule's and report it: on a change, or on a reading while
         firing (a repeat trigger the alert counts). The clock alone reports only changes."""
         name = rule.spec.name
+        if len(rule.leaves) == 1:
+            subject = device.external_id if rule.scope == "device" else f"district:{device.district}"
+            key = (name, subject)
+            before = self._reported.get(key, Status.INACTIVE)
+            if leaf_status is before and (by_clock or leaf_status is not Status.FIRING):
+                return  # the common case: nothing changed
+            status = leaf_status
+        else:
+            subject, status = self._combined(rule, device, index, leaf_status, at_us)
+            key = (name, subject)
+            before = self._reported.get(key, Status.INACTIVE)
+            if status is before and (by_clock or status is not Status.FIRING):
+                return
+        self._reported[key] = status
+        metric = rule.leaves[index].metric
+        previous = out.get(key)
+        count = (previous.observations + 1) if previous is not None and status is Status.FIRING else 1
+        out[key] = Signal(name, subject, device.external_id, status, value, metric, at_us, count)
+
+    def _combined(
+        self, rule: _Compiled, device: DeviceInfo, index: int, leaf_status: Status, at_us: int
+    ) -> tuple[str, Status]:
+        """A composite's subject and status, with one of its leaves just changed to ``leaf_status``."""
+        name = rule.spec.name
         if rule.scope == "district":
             subject = f"district:{device.district}"
             firing = self._firing_devices.setdefault((name, subject, index), set())
@@ -317,16 +371,7 @@ class Evaluator:
                 (leaf_status if i == index else self._leaf_status(name, subject, i, at_us))
                 for i in range(len(rule.leaves))
             ]
-        status = _combine(statuses, rule.any_of) if len(statuses) > 1 else statuses[0]
-        key = (name, subject)
-        before = self._reported.get(key, Status.INACTIVE)
-        if status is before and (by_clock or status is not Status.FIRING):
-            return
-        self._reported[key] = status
-        metric = rule.leaves[index].metric
-        previous = out.get(key)
-        count = (previous.observations + 1) if previous is not None and status is Status.FIRING else 1
-        out[key] = Signal(name, subject, device.external_id, status, value, metric, at_us, count)
+        return subject, _combine(statuses, rule.any_of)
 
     def _leaf_status(self, name: str, subject: str, index: int, now_us: int) -> Status:
         state = self._states.get((name, subject, index))
