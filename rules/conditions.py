@@ -97,74 +97,122 @@ class RangeState(_Hysteresis):
         return self._step(time_us, not inside, inside)
 
 
-class _Extremes:
-    """Sliding-window min and max in O(1) amortised per in-order reading (monotonic deques)."""
+# A sliding window keeps at most this many buckets, whatever the reading rate: a 24 h window at
+# one reading a second would otherwise hold 86,400 points per series. Readings in one bucket
+# (1/240 of the window: 6 min of a 24 h window, 45 s of a 3 h one) enter and leave together.
+WINDOW_BUCKETS = 240
 
-    __slots__ = ("_max", "_min")
 
-    def __init__(self) -> None:
-        self._min: deque[tuple[int, float]] = deque()
-        self._max: deque[tuple[int, float]] = deque()
+class _Bucket:
+    __slots__ = ("count", "high", "last_us", "low", "start_us", "sum")
 
-    def push(self, time_us: int, value: float) -> None:
-        while self._min and self._min[-1][1] >= value:
-            self._min.pop()
-        self._min.append((time_us, value))
-        while self._max and self._max[-1][1] <= value:
-            self._max.pop()
-        self._max.append((time_us, value))
+    def __init__(self, start_us: int, time_us: int, value: float) -> None:
+        self.start_us, self.last_us = start_us, time_us
+        self.sum, self.count, self.low, self.high = value, 1, value, value
 
-    def evict_before(self, start_us: int) -> None:
-        while self._min and self._min[0][0] < start_us:
-            self._min.popleft()
-        while self._max and self._max[0][0] < start_us:
-            self._max.popleft()
-
-    def rebuild(self, points: deque[tuple[int, float]]) -> None:
-        self._min.clear()
-        self._max.clear()
-        for time_us, value in points:
-            self.push(time_us, value)
-
-    @property
-    def min(self) -> float:
-        return self._min[0][1]
-
-    @property
-    def max(self) -> float:
-        return self._max[0][1]
+    def add(self, time_us: int, value: float) -> None:
+        self.sum += value
+        self.count += 1
+        self.low = min(self.low, value)
+        self.high = max(self.high, value)
+        self.last_us = max(self.last_us, time_us)
 
 
 class _Sliding:
-    """The readings of the last ``window_us``, in time order, with sum and extremes."""
+    """The readings of the last ``window_us`` as time buckets: sum, count, min, max, the latest.
 
-    __slots__ = ("extremes", "latest_us", "points", "sum", "window_us")
+    A bucket leaves the window when its newest reading does, so with one reading per bucket (the
+    usual sampling rates) the window is exact. Min and max come from monotonic deques of buckets,
+    O(1) amortised for in-order readings; a late reading rebuilds them (O(buckets)).
+    """
+
+    __slots__ = (
+        "buckets",
+        "count",
+        "latest_us",
+        "latest_value",
+        "maxq",
+        "minq",
+        "sum",
+        "width_us",
+        "window_us",
+    )
 
     def __init__(self, window_s: float) -> None:
         self.window_us = int(window_s * US)
-        self.points: deque[tuple[int, float]] = deque()
-        self.extremes = _Extremes()
+        self.width_us = max(1, self.window_us // WINDOW_BUCKETS)
+        self.buckets: deque[_Bucket] = deque()
+        self.minq: deque[_Bucket] = deque()
+        self.maxq: deque[_Bucket] = deque()
         self.sum = 0.0
+        self.count = 0
         self.latest_us = -(1 << 62)
+        self.latest_value = 0.0
 
     def add(self, time_us: int, value: float) -> bool:
         """Add a reading; False when it is already outside the window (too old to matter)."""
-        if time_us < self.latest_us - self.window_us:
+        if time_us <= self.latest_us - self.window_us:
             return False
-        if time_us >= self.latest_us:
-            self.points.append((time_us, value))
-            self.extremes.push(time_us, value)
-            self.latest_us = time_us
-        else:  # out of order, inside the window: insert in place, rebuild the extremes
-            index = next(i for i, (t, _) in enumerate(self.points) if t > time_us)
-            self.points.insert(index, (time_us, value))
-            self.extremes.rebuild(self.points)
+        start = time_us - time_us % self.width_us
+        buckets = self.buckets
+        if buckets and buckets[-1].start_us == start:
+            bucket = buckets[-1]
+            bucket.add(time_us, value)
+            self._push_extremes(bucket)
+        elif not buckets or start > buckets[-1].start_us:
+            bucket = _Bucket(start, time_us, value)
+            buckets.append(bucket)
+            self._push_extremes(bucket)
+        else:
+            self._insert_late(start, time_us, value)
         self.sum += value
-        start = self.latest_us - self.window_us
-        while self.points and self.points[0][0] <= start:
-            self.sum -= self.points.popleft()[1]
-        self.extremes.evict_before(start + 1)
+        self.count += 1
+        if time_us >= self.latest_us:
+            self.latest_us, self.latest_value = time_us, value
+        self._evict()
         return True
+
+    def _push_extremes(self, bucket: _Bucket) -> None:
+        minq, maxq = self.minq, self.maxq
+        while minq and (minq[-1] is bucket or minq[-1].low >= bucket.low):
+            minq.pop()
+        minq.append(bucket)
+        while maxq and (maxq[-1] is bucket or maxq[-1].high <= bucket.high):
+            maxq.pop()
+        maxq.append(bucket)
+
+    def _insert_late(self, start: int, time_us: int, value: float) -> None:
+        index = len(self.buckets)
+        while index > 0 and self.buckets[index - 1].start_us > start:
+            index -= 1
+        if index > 0 and self.buckets[index - 1].start_us == start:
+            self.buckets[index - 1].add(time_us, value)
+        else:
+            self.buckets.insert(index, _Bucket(start, time_us, value))
+        self.minq.clear()
+        self.maxq.clear()
+        for bucket in self.buckets:
+            self._push_extremes(bucket)
+
+    def _evict(self) -> None:
+        edge = self.latest_us - self.window_us
+        buckets = self.buckets
+        while buckets and buckets[0].last_us <= edge:
+            gone = buckets.popleft()
+            self.sum -= gone.sum
+            self.count -= gone.count
+            if self.minq and self.minq[0] is gone:
+                self.minq.popleft()
+            if self.maxq and self.maxq[0] is gone:
+                self.maxq.popleft()
+
+    @property
+    def min(self) -> float:
+        return self.minq[0].low
+
+    @property
+    def max(self) -> float:
+        return self.maxq[0].high
 
 
 class WindowState(_Hysteresis):
@@ -180,13 +228,13 @@ class WindowState(_Hysteresis):
         self.window.add(time_us, value)
         w = self.window
         if self.agg == "avg":
-            current = w.sum / len(w.points)
+            current = w.sum / w.count
         elif self.agg == "sum":
             current = w.sum
         elif self.agg == "min":
-            current = w.extremes.min
+            current = w.min
         else:
-            current = w.extremes.max
+            current = w.max
         self.value = current
         return self._step(
             w.latest_us, self.op.holds(current, self.level), _cleared(self.op, current, self.clear)
@@ -202,10 +250,9 @@ class RateOfChangeState(_Hysteresis):
         self.delta, self.fall = spec.delta, spec.direction == "fall"
 
     def observe(self, time_us: int, value: float) -> Status:
-        self.window.add(time_us, value)
-        latest = self.window.points[-1][1]
-        ext = self.window.extremes
-        change = ext.max - latest if self.fall else latest - ext.min
+        w = self.window
+        w.add(time_us, value)
+        change = w.max - w.latest_value if self.fall else w.latest_value - w.min
         self.value = change
         breached = change >= self.delta
         return self._step(self.window.latest_us, breached, not breached)

@@ -146,3 +146,15 @@ def test_flatline_on_the_clock() -> None:
     state.observe(0, 3.0)
     assert state.tick(59 * S) is OFF
     assert state.tick(60 * S) is FIRE
+
+
+def test_a_window_holds_bounded_buckets_at_any_rate() -> None:
+    state = new_state(Window(metric="pm25", agg="avg", window_s=86400, op=Op.GT, value=75), 0)
+    for i in range(100_000):  # ten readings a second for close to three hours, then the window slides
+        state.observe(i * S // 10, 50.0 if i % 2 else 100.0)
+    window = state.window  # type: ignore[attr-defined]
+    assert len(window.buckets) <= 241 and window.count == 100_000
+    assert state.value == 75.0
+    for i in range(10):  # a day later: everything before has left the window
+        state.observe(200_000 * S + i * S, 10.0)
+    assert window.count == 10 and state.value == 10.0 and len(window.buckets) == 1
