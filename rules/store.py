@@ -74,12 +74,20 @@ class AlertStore:
         """
         transitions: list[Transition] = []
         # A fixed lock order across writers: no deadlocks between pipelines.
-        ordered = sorted(signals, key=lambda s: fingerprint(s.rule, s.subject))
+        # Sorted by fingerprint (stable: a fingerprint's signals keep their order).
+        keyed = sorted(
+            ((fingerprint(s.rule, s.subject), s) for s in signals if s.rule in rules), key=lambda p: p[0]
+        )
         async with conn.transaction():
-            for signal in ordered:
-                spec = rules.get(signal.rule)
-                if spec is None:
+            open_states = await self._lock_open(conn, sorted({fp for fp, _ in keyed}))
+            # A fingerprint all of whose signals repeat its open alert goes into one bulk update;
+            # any other goes signal by signal, in order (a resolve then a re-trigger, say).
+            moving = {fp for fp, s in keyed if not _is_repeat(s, open_states.get(fp))}
+            await self._count_repeats(conn, [(fp, s) for fp, s in keyed if fp not in moving])
+            for fp, signal in keyed:
+                if fp not in moving:
                     continue
+                spec = rules[signal.rule]
                 if signal.status is Status.INACTIVE:
                     transitions += await self._resolve(conn, signal)
                 else:
@@ -88,6 +96,47 @@ class AlertStore:
                     transitions += await self._trigger(conn, signal, spec, device, rule_id)
             await notify(conn, transitions)
         return transitions
+
+    async def _lock_open(self, conn: AsyncConn, fingerprints: list[str]) -> dict[str, str]:
+        """Lock the open alerts of these fingerprints (in fingerprint order); their states."""
+        if not fingerprints:
+            return {}
+        cur = await conn.execute(
+            "SELECT fingerprint, state FROM alerts WHERE fingerprint = ANY(%s) AND state <> 'resolved' "
+            "ORDER BY fingerprint FOR UPDATE",
+            (fingerprints,),
+        )
+        return dict(await cur.fetchall())
+
+    async def _count_repeats(self, conn: AsyncConn, repeats: list[tuple[str, Signal]]) -> None:
+        """Repeat triggers of open alerts that change no state: one statement for all of them.
+
+        A busy city repeats far more often than it changes: a statement per signal would make the
+        alert store, not the rules, the limit of a pipeline.
+        """
+        if not repeats:
+            return
+        merged: dict[str, tuple[int, float | None, int]] = {}  # fingerprint: (count, value, at)
+        for fp, signal in repeats:
+            n, value, at = merged.get(fp, (0, None, -(1 << 62)))
+            if signal.at_us >= at and signal.value is not None:
+                value, at = signal.value, signal.at_us
+            merged[fp] = (n + signal.observations, value, max(at, signal.at_us))
+        fps = sorted(merged)
+        await conn.execute(
+            """
+            UPDATE alerts a SET count = a.count + u.n, last_value = coalesce(u.value, a.last_value),
+                last_seen_at = greatest(a.last_seen_at, u.at), updated_at = now()
+            FROM unnest(%s::text[], %s::int[], %s::float8[], %s::timestamptz[]) AS u(fp, n, value, at)
+            WHERE a.fingerprint = u.fp AND a.state <> 'resolved'
+            """,
+            (
+                fps,
+                [merged[fp][0] for fp in fps],
+                [merged[fp][1] for fp in fps],
+                [_dt(merged[fp][2]) for fp in fps],
+            ),
+        )
 
     async def _trigger(
         self, conn: AsyncConn, signal: Signal, spec: RuleSpec, device: DeviceInfo | None, rule_id: int | None
@@ -265,6 +314,13 @@ async def record_event(
     assert row is not None
     event_id: int = row[0]
     return event_id
+
+
+def _is_repeat(signal: Signal, open_state: str | None) -> bool:
+    """A trigger of an alert that is open and stays in its state (only pending -> firing moves)."""
+    if signal.status is Status.INACTIVE or open_state is None:
+        return False
+    return not (open_state == AlertState.PENDING.value and signal.status is Status.FIRING)
 
 
 def _summary(spec: RuleSpec, signal: Signal) -> str:

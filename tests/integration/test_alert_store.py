@@ -116,3 +116,25 @@ async def test_two_writers_one_open_alert(
     assert (state, count) == ("firing", 2)
     cur = await migrated_conn.execute("SELECT count(*) FROM alert_events WHERE kind = 'opened'")
     assert await cur.fetchone() == (1,)
+
+
+async def test_several_signals_of_one_alert_in_one_write_apply_in_order(
+    migrated_conn: AsyncConn, ponding: dict[str, RuleSpec]
+) -> None:
+    store, devices = AlertStore(), {"pd-1": DEVICE}
+    await store.apply(migrated_conn, [signal(Status.FIRING, 0, 20)], ponding, devices)
+    # Three repeats from three messages of one batch: all counted, the latest value kept.
+    repeats = [
+        signal(Status.FIRING, 60, 21),
+        signal(Status.FIRING, 120, 23, 2),
+        signal(Status.FIRING, 90, 22),
+    ]
+    assert await store.apply(migrated_conn, repeats, ponding, devices) == []
+    ((alert_id, state, count, _, last),) = await alerts(migrated_conn)
+    assert (state, count, last) == ("firing", 5, 23.0)
+    # A resolve then a new trigger in the same write: resolved, then reopened (a flap), in that order.
+    t = await store.apply(
+        migrated_conn, [signal(Status.INACTIVE, 180, 5), signal(Status.FIRING, 240, 19)], ponding, devices
+    )
+    assert [(x.kind, x.alert_id) for x in t] == [("resolved", alert_id), ("reopened", alert_id)]
+    assert (await alerts(migrated_conn))[0][1:4] == ("firing", 6, 1)
