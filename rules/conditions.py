@@ -155,28 +155,42 @@ class _Sliding:
             return False
         start = time_us - time_us % self.width_us
         buckets = self.buckets
-        if buckets and buckets[-1].start_us == start:
-            bucket = buckets[-1]
-            bucket.add(time_us, value)
-            self._push_extremes(bucket)
-        elif not buckets or start > buckets[-1].start_us:
+        last = buckets[-1] if buckets else None
+        if last is not None and last.start_us == start:
+            # The hot path (several readings per bucket): only what changed is touched.
+            last.sum += value
+            last.count += 1
+            if time_us > last.last_us:
+                last.last_us = time_us
+            if value < last.low:
+                last.low = value
+                self._push_min(last)
+            if value > last.high:
+                last.high = value
+                self._push_max(last)
+        elif last is None or start > last.start_us:
             bucket = _Bucket(start, time_us, value)
             buckets.append(bucket)
-            self._push_extremes(bucket)
+            self._push_min(bucket)
+            self._push_max(bucket)
         else:
             self._insert_late(start, time_us, value)
         self.sum += value
         self.count += 1
         if time_us >= self.latest_us:
             self.latest_us, self.latest_value = time_us, value
-        self._evict()
+            if buckets[0].last_us <= time_us - self.window_us:
+                self._evict()
         return True
 
-    def _push_extremes(self, bucket: _Bucket) -> None:
-        minq, maxq = self.minq, self.maxq
+    def _push_min(self, bucket: _Bucket) -> None:
+        minq = self.minq
         while minq and (minq[-1] is bucket or minq[-1].low >= bucket.low):
             minq.pop()
         minq.append(bucket)
+
+    def _push_max(self, bucket: _Bucket) -> None:
+        maxq = self.maxq
         while maxq and (maxq[-1] is bucket or maxq[-1].high <= bucket.high):
             maxq.pop()
         maxq.append(bucket)
@@ -192,7 +206,8 @@ class _Sliding:
         self.minq.clear()
         self.maxq.clear()
         for bucket in self.buckets:
-            self._push_extremes(bucket)
+            self._push_min(bucket)
+            self._push_max(bucket)
 
     def _evict(self) -> None:
         edge = self.latest_us - self.window_us
