@@ -43,7 +43,7 @@ async def test_start_rebuilds_windows_and_silences_from_the_database(
 ) -> None:
     ids = await register_fleet(migrated_conn, FLEET)
     rain = catalogue.metrics["rainfall"].id
-    # 45 mm over the last two hours (under the 50 mm / 3 h orange signal); pd-9 last seen 2 h ago.
+    # 45 mm over the last two hours (under the 50 mm / 3 h orange signal); pd-9 last seen 4 h ago.
     for minutes_ago, mm in ((110, 15.0), (70, 15.0), (30, 15.0)):
         await migrated_conn.execute(
             "SELECT cityops_ensure_partitions(%s::date, %s::date)", (NOW.date(), NOW.date())
@@ -53,7 +53,7 @@ async def test_start_rebuilds_windows_and_silences_from_the_database(
             (NOW - timedelta(minutes=minutes_ago), ids["rg-1"], rain, mm),
         )
     await migrated_conn.execute(
-        "UPDATE devices SET last_seen = %s WHERE external_id = 'pd-9'", (NOW - timedelta(hours=2),)
+        "UPDATE devices SET last_seen = %s WHERE external_id = 'pd-9'", (NOW - timedelta(hours=4),)
     )
     await migrated_conn.execute("UPDATE devices SET last_seen = %s WHERE external_id = 'rg-1'", (NOW,))
     devices = [
@@ -68,14 +68,14 @@ async def test_start_rebuilds_windows_and_silences_from_the_database(
         assert metrics.rules_loaded._value.get() > 40  # the default packs, installed into the empty table
         assert metrics.replayed._value.get() == 3
         assert await open_alerts(migrated_conn) == []
-        # pd-9 has been silent for 2 h: the first tick raises the 1 h no-data alert, not an hour later.
+        # pd-9 has been silent for 4 h: the first tick raises the 3 h no-data alert, not 3 h later.
         await engine.tick()
-        assert await open_alerts(migrated_conn) == [("device-no-data-1h", "pd-9")]
+        assert await open_alerts(migrated_conn) == [("device-no-data-3h", "pd-9")]
         # 10 mm more: 55 mm in 3 h, counting the replayed readings: the blue, yellow and orange signals.
         clock.now_us += 60 * S
         await engine.evaluate([(devices[0], [(clock.now_us, rain, 10.0, 0)])])
         assert await open_alerts(migrated_conn) == [
-            ("device-no-data-1h", "pd-9"),
+            ("device-no-data-3h", "pd-9"),
             ("rainstorm-blue", "rg-1"),
             ("rainstorm-orange", "rg-1"),
             ("rainstorm-yellow", "rg-1"),
