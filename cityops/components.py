@@ -29,6 +29,11 @@ class Services:
     # The embedded broker (rumqttd) cannot keep a persistent session on a shared subscription, and
     # runs one pipeline anyway: components subscribe without ``$share`` there.
     shared_subscriptions: bool = True
+    mqtt_v311_url: str | None = None  # where MQTT 3.1.1 clients connect, when that is elsewhere
+
+    @property
+    def mqtt_url_v311(self) -> str:
+        return self.mqtt_v311_url or self.mqtt_url
 
 
 class Component(Protocol):

@@ -34,7 +34,12 @@ class Endpoints:
 
     @property
     def services(self) -> Services:
-        return Services(self.database_url, self.mqtt_url, shared_subscriptions="mqtt" not in self.embedded)
+        return Services(
+            self.database_url,
+            self.mqtt_url,
+            shared_subscriptions="mqtt" not in self.embedded,
+            mqtt_v311_url=self.mqtt_v311_url,
+        )
 
 
 def runtime_path(settings: Settings) -> Path:
@@ -65,6 +70,16 @@ def database_url(settings: Settings) -> str:
 def mqtt_url(settings: Settings) -> str:
     """The configured broker, else the one a running ``cityops up`` recorded."""
     return _configured_or_running(settings, settings.mqtt_url, "mqtt_url")
+
+
+def mqtt_v311_url(settings: Settings) -> str:
+    """A broker URL that takes MQTT 3.1.1 clients (the embedded broker listens for them apart)."""
+    if settings.mqtt_url:
+        return settings.mqtt_url
+    runtime = read_runtime(settings)
+    if runtime is not None and runtime.mqtt_v311_url:
+        return runtime.mqtt_v311_url
+    return mqtt_url(settings)
 
 
 def _configured_or_running(settings: Settings, configured: str | None, field: str) -> str:

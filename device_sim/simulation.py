@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import heapq
 import random
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 
 from cityops.catalogue import Catalogue
@@ -61,9 +61,11 @@ class Simulation:
         scenario: Scenario | None = None,
         seed: int = 1,
         interval_ms: int | None = None,
+        emit_only: Collection[str] | None = None,
     ) -> None:
         """``interval_ms``: one emission of all metrics per device at this period (load generation);
-        default: each metric at its catalogue sampling interval."""
+        default: each metric at its catalogue sampling interval. ``emit_only``: the devices this
+        simulation emits for (one publisher process's share); incidents still see the whole fleet."""
         self.scenario = scenario
         self.start_ms = start_ms
         self.seed = seed
@@ -71,15 +73,18 @@ class Simulation:
         self._rain_districts = {i.spec.select.district for i in self.incidents if i.spec.type == "rainstorm"}
         self._devices: list[_DeviceState] = []
         self._queue: list[tuple[int, int, int]] = []  # (due ms, device index, group index)
-        rng = random.Random(seed)
-        for index, device in enumerate(fleet):
-            series_rng = random.Random(device.seed)
+        for device in fleet:
+            if emit_only is not None and device.id not in emit_only:
+                continue
+            index = len(self._devices)
+            # Per-device generators: a device reads the same whichever process simulates it.
+            series_rng = random.Random(device.seed ^ seed)
             series = {m: Series(catalogue.metrics[m], series_rng, start_ms) for m in device.metrics}
             state = _DeviceState(device, series, _groups(device, catalogue, interval_ms))
             state.incidents = [i for i in self.incidents if device in i.devices]
             self._devices.append(state)
             for group_index, (interval, _) in enumerate(state.groups):
-                first = start_ms + rng.randrange(max(1, interval))  # phases spread over the interval
+                first = start_ms + series_rng.randrange(max(1, interval))  # phases spread over the interval
                 self._queue.append((first, index, group_index))
         heapq.heapify(self._queue)
 

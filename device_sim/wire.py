@@ -73,10 +73,23 @@ class BulkPublisher:
         if connack[0] != 0x20 or connack[3] != 0:
             raise WireError(f"CONNACK refused: return code {connack[3]}")
 
-    def publish_many(self, messages: Iterable[tuple[bytes, bytes]]) -> None:
-        """Publish (topic, payload) pairs in order, blocking while the window is full."""
+    def publish_many(self, messages: Iterable[tuple[bytes, bytes]], *, qos: int = 1) -> None:
+        """Publish (topic, payload) pairs in order, blocking while the window is full.
+
+        QoS 0 messages need no packet id and get no PUBACK: they count as acknowledged at once.
+        """
         chunk: list[bytes] = []
         for topic, payload in messages:
+            if qos == 0:
+                chunk.append(
+                    b"\x30" + _remaining_length(2 + len(topic) + len(payload)) + _string(topic) + payload
+                )
+                self.sent += 1
+                self.acked += 1
+                if len(chunk) >= 256:
+                    self._sock.sendall(b"".join(chunk))
+                    chunk.clear()
+                continue
             while self.sent - self.acked >= self._window:
                 if chunk:
                     self._sock.sendall(b"".join(chunk))
