@@ -18,7 +18,7 @@ from cityops.registry import import_fleet
 from cityops.services import database_url, mqtt_v311_url
 from cityops.settings import Settings
 from device_sim.fleet import build_fleet
-from device_sim.load import SimPlan, publish, scenario_truth
+from device_sim.load import DEFAULT_MAX_RATE, SimPlan, publish, scenario_truth
 from device_sim.payloads import Shape
 from device_sim.scenario import default_start_ms, find_scenario, shipped_scenarios
 from device_sim.verify import wait_and_reconcile
@@ -42,6 +42,12 @@ class SimCommand:
         parser.add_argument("--shape", choices=[s.value for s in Shape], default=Shape.SINGLE.value)
         parser.add_argument("--qos", type=int, choices=(0, 1), default=1)
         parser.add_argument("--processes", type=int, default=1, help="publisher processes")
+        parser.add_argument(
+            "--max-rate",
+            type=float,
+            default=DEFAULT_MAX_RATE,
+            help="readings/s cap when sending the past (default 5,000; brokers drop what they cannot queue)",
+        )
         parser.add_argument("--seed", type=int, default=1)
         parser.add_argument("--prefix", default="gz", help="device id prefix (one fleet per prefix)")
         parser.add_argument("--no-register", action="store_true", help="do not register the fleet first")
@@ -116,6 +122,7 @@ class SimCommand:
             "topic_root": settings.topic_root,
             "processes": args.processes,
             "max_clock_skew_ms": int(settings.max_clock_skew * 1000),
+            "max_rate": args.max_rate if args.max_rate > 0 else float("inf"),
         }
         if args.scenario:
             scenario = find_scenario(args.scenario)
@@ -135,6 +142,7 @@ class SimCommand:
         series = sum(
             len(d.metrics) for d in build_fleet(fleet_size, catalogue, seed=args.seed, prefix=args.prefix)
         )
+        common["max_rate"] = float("inf")  # live load is paced by the clock, at --rate
         plan = SimPlan(
             fleet_size=fleet_size,
             start_ms=now_ms,

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 SLICE_MS = 1_000
 # How far behind the wall clock a live simulation may fall before it says so.
 LAG_WARNING_MS = 5_000
+DEFAULT_MAX_RATE = 5_000.0
 MAX_CLOCK_SKEW_MS = 300_000  # the gateway's default (CITYOPS_MAX_CLOCK_SKEW): further ahead is rejected
 
 
@@ -61,6 +62,9 @@ class SimPlan:
     topic_root: str
     processes: int
     max_clock_skew_ms: int = MAX_CLOCK_SKEW_MS
+    # Backfill is paced to this many readings a second: a broker queues only so much for a busy
+    # subscriber (stock Mosquitto: 1000 messages) and drops the rest without telling the publisher.
+    max_rate: float = DEFAULT_MAX_RATE
 
 
 @dataclass(slots=True)
@@ -111,7 +115,7 @@ def publish_share(plan: SimPlan, index: int, now_ms: Any = None) -> PublisherRep
                 continue
             report.max_lag_ms = max(report.max_lag_ms, wall - cursor - SLICE_MS) if plan.interval_ms else 0
             until = min(plan.end_ms, cursor + SLICE_MS)
-            emissions = _accepted(sim.run_until(until), expected, plan.max_clock_skew_ms)
+            emissions = _accepted(sim.run_until(until), expected, clock() + plan.max_clock_skew_ms)
             batch = list(messages(emissions, plan.shape))
             publisher = _reconnect_if_storming(sim, publisher, endpoint, index, until)
             publisher.publish_many(
@@ -120,6 +124,7 @@ def publish_share(plan: SimPlan, index: int, now_ms: Any = None) -> PublisherRep
             report.messages += len(batch)
             report.readings += sum(m.readings for m in batch)
             cursor = until
+            _pace(report.readings + report.messages, began, plan.max_rate / plan.processes)
         publisher.flush()
     finally:
         publisher.close()
@@ -129,10 +134,18 @@ def publish_share(plan: SimPlan, index: int, now_ms: Any = None) -> PublisherRep
     return report
 
 
-def _accepted(emissions: Iterable[Emission], expected: Counter[str], max_skew_ms: int) -> Iterator[Emission]:
-    """Emissions passed through, counting per device the readings the pipeline must store."""
+def _pace(sent: int, began: float, rate: float) -> None:
+    """Sleep as long as sending is ahead of ``rate`` (counting messages too: garbage weighs nothing)."""
+    ahead = sent / rate - (time.monotonic() - began)
+    if ahead > 0:
+        time.sleep(ahead)
+
+
+def _accepted(emissions: Iterable[Emission], expected: Counter[str], latest_ts_ms: int) -> Iterator[Emission]:
+    """Emissions passed through, counting per device the readings the pipeline must store: not
+    garbage, and not stamped further ahead of the present than the gateway allows."""
     for e in emissions:
-        if not e.malformed and e.ts_ms - e.time_ms <= max_skew_ms:
+        if not e.malformed and e.ts_ms <= latest_ts_ms:
             expected[e.device] += len(e.values)
         yield e
 

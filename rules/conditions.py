@@ -299,20 +299,35 @@ class FlatlineState:
 
 
 class NoDataState:
-    __slots__ = ("after_us", "last_us", "value")
+    """Silence, two ways. ``tick``: nothing has *arrived* for ``after_s`` by the clock (offline now).
+    ``observe``: a reading stamped ``after_s`` or more after the previous one ends a silence that
+    happened in the readings' own time, whether or not the clock saw it (data sent late, as
+    backfill); ``gap_from`` says since when. Live, the two agree.
+    """
+
+    __slots__ = ("after_us", "arrived_us", "gap_from", "last_us", "value")
 
     def __init__(self, spec: NoData, started_us: int) -> None:
         self.after_us = int(spec.after_s * US)
-        self.last_us = started_us  # a series that never reports is stale `after_s` after we started
+        self.arrived_us = started_us  # a series that never reports is silent `after_s` after we started
+        self.last_us: int | None = None  # the latest reading's own time
+        self.gap_from: int | None = None
         self.value: float | None = None
 
+    def arrived(self, now_us: int) -> None:
+        """A reading arrived now (or, after a restart, the device was last heard from then)."""
+        self.arrived_us = max(self.arrived_us, now_us)
+
     def observe(self, time_us: int, value: float) -> Status:
-        self.last_us = max(self.last_us, time_us)
+        last = self.last_us
+        self.gap_from = last if last is not None and time_us - last >= self.after_us else None
+        if last is None or time_us > last:
+            self.last_us = time_us
         self.value = value
         return Status.INACTIVE
 
     def tick(self, now_us: int) -> Status:
-        return Status.FIRING if now_us - self.last_us >= self.after_us else Status.INACTIVE
+        return Status.FIRING if now_us - self.arrived_us >= self.after_us else Status.INACTIVE
 
 
 def new_state(spec: Leaf, now_us: int) -> ConditionState:

@@ -99,11 +99,13 @@ class RuleEngine:
             )
         await self._load(conn)
         devices = list(devices)
-        await self._seed_silences(conn, devices)
         open_alerts = await self._open_alerts(conn)
         for rule, subject in open_alerts:
             self.evaluator.assume_firing(rule, subject)
         replayed = await self._replay(conn, {d.external_id: d for d in devices})
+        # After the replay, which made every replayed device look just heard from: the registry
+        # knows when each was really last heard from.
+        await self._seed_silences(conn, devices)
         transitions = await self._reconcile(open_alerts)
         log.info(
             "rule state rebuilt",

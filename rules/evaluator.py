@@ -213,6 +213,10 @@ class Evaluator:
                 if not in_order and not isinstance(state, _SLIDING):
                     continue
                 status = state.observe(time_us, value)
+                if isinstance(state, NoDataState):
+                    state.arrived(self._clock())
+                    if state.gap_from is not None:
+                        self._silence_in_the_past(rule, device, state, out)
                 self._settle(rule, device, index, status, state.value, time_us, out)
         if rows:
             self._observe_any_metric(device, rows, out)
@@ -228,13 +232,46 @@ class Evaluator:
         if not plan:
             return
         latest = max(rows)
+        times = sorted({row[0] for row in rows})
         for rule, index in plan:
             state = self._state(rule, device.external_id, index)
+            if isinstance(state, NoDataState):
+                for time_us in times[:-1]:  # silences between this batch's readings
+                    state.observe(time_us, latest[2])
+                    if state.gap_from is not None:
+                        self._silence_in_the_past(rule, device, state, out)
             status = state.observe(latest[0], latest[2])
+            if isinstance(state, NoDataState):
+                state.arrived(self._clock())
+                if state.gap_from is not None:
+                    self._silence_in_the_past(rule, device, state, out)
             self._settle(rule, device, index, status, state.value, latest[0], out)
 
+    def _silence_in_the_past(
+        self, rule: _Compiled, device: DeviceInfo, state: NoDataState, out: dict[tuple[str, str], Signal]
+    ) -> None:
+        """A reading ended a silence the clock did not see fire (it arrived late): report it as the
+        alert it was, firing from ``after_s`` into the silence; the reading then resolves it."""
+        if len(rule.leaves) != 1 or state.gap_from is None:
+            return
+        key = (rule.spec.name, device.external_id)
+        if self._reported.get(key) is Status.FIRING:
+            return  # the clock saw it: already firing, the reading resolves it
+        self._reported[key] = Status.FIRING
+        at = state.gap_from + state.after_us
+        out[(key[0], f"{key[1]}\x00silence@{at}")] = Signal(
+            key[0], key[1], device.external_id, Status.FIRING, None, rule.leaves[0].metric, at
+        )
+
     def tick(self) -> list[Signal]:
-        """What time alone decides: ``for`` durations between sparse readings, ``no_data``."""
+        """What time alone decides: ``for`` durations between sparse readings, schedules, ``no_data``.
+
+        ``no_data`` runs on the clock: silence is measured against the present. Every other timer
+        runs on its series' event time: the watermark plus the allowed lateness (the longest a
+        reading may still be on its way), capped by the clock. A series being backfilled hours
+        behind the present therefore gets its ``for`` and flatline durations from its own readings,
+        not from the wall clock, and a live series gets them on time.
+        """
         now = self._clock()
         out: dict[tuple[str, str], Signal] = {}
         for (name, device_id, index), state in list(self._states.items()):
@@ -242,11 +279,21 @@ class Evaluator:
             device = self._devices.get(device_id)
             if rule is None or device is None:
                 continue
-            if rule.hours is not None and not rule.hours.active(now):
-                self._off_hours(rule, device, index, now, out)
+            at = now if isinstance(state, NoDataState) else self._series_time(rule, device, index, now)
+            if at is None:
                 continue
-            self._settle(rule, device, index, state.tick(now), state.value, now, out, by_clock=True)
+            if rule.hours is not None and not rule.hours.active(at):
+                self._off_hours(rule, device, index, at, out)
+                continue
+            self._settle(rule, device, index, state.tick(at), state.value, at, out, by_clock=True)
         return list(out.values())
+
+    def _series_time(self, rule: _Compiled, device: DeviceInfo, index: int, now: int) -> int | None:
+        """Where a series' timers stand: its watermark plus the rule's lateness, at most now."""
+        watermark = self._watermarks.get((device.id, rule.metric_ids[index]))  # type: ignore[arg-type]
+        if watermark is None:
+            return None
+        return min(now, watermark + rule.lateness_us)
 
     def watch_for_silence(self, device: DeviceInfo, last_seen_us: int | None = None) -> None:
         """Start no_data timers for a device that may never report (called for registered devices).
@@ -259,9 +306,7 @@ class Evaluator:
                 if isinstance(rule.leaves[index], NoData) and self._selects(rule, device):
                     state = self._state(rule, device.external_id, index)
                     if last_seen_us is not None and isinstance(state, NoDataState):
-                        # Never observed here: the registry's word; otherwise the later of the two.
-                        fresh = state.value is None
-                        state.last_us = last_seen_us if fresh else max(state.last_us, last_seen_us)
+                        state.arrived_us = last_seen_us
 
     @property
     def devices(self) -> Mapping[str, DeviceInfo]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rules.conditions import Status, new_state
+from rules.conditions import NoDataState, Status, new_state
 from rules.spec import Flatline, NoData, Op, Range, RateOfChange, Threshold, Window
 
 OFF, PEND, FIRE = Status.INACTIVE, Status.PENDING, Status.FIRING
@@ -134,11 +134,26 @@ def test_for_fires_on_the_clock_between_sparse_readings() -> None:
 
 def test_no_data_is_driven_by_the_clock() -> None:
     state = new_state(NoData(after_s=900), now_us=0)
+    assert isinstance(state, NoDataState)
     assert state.tick(899 * S) is OFF
     assert state.tick(900 * S) is FIRE  # never reported since start
     assert state.observe(1000 * S, 1.0) is OFF
+    state.arrived(1000 * S)
     assert state.tick(1899 * S) is OFF
     assert state.tick(1900 * S) is FIRE
+
+
+def test_no_data_finds_silences_in_late_readings() -> None:
+    state = new_state(NoData(after_s=900), now_us=50_000 * S)  # the present; the readings are older
+    assert isinstance(state, NoDataState)
+    state.observe(1000 * S, 1.0)
+    assert state.gap_from is None
+    state.observe(1600 * S, 1.0)
+    assert state.gap_from is None  # 600 s apart
+    state.observe(2600 * S, 1.0)
+    assert state.gap_from == 1600 * S  # 1000 s of silence, in the readings' own time
+    state.observe(2000 * S, 1.0)
+    assert state.gap_from is None and state.last_us == 2600 * S  # an older straggler ends nothing
 
 
 def test_flatline_on_the_clock() -> None:

@@ -221,7 +221,7 @@ def test_schedule_hands_over_from_the_day_limit_to_the_night_limit() -> None:
     assert summary(ev.observe(NOISE, rows("laeq", (at, 55)))) == [("night", "nm-1", Status.INACTIVE, 55.0, 1)]
 
 
-def test_schedule_ends_a_firing_rule_on_the_clock_without_readings() -> None:
+def test_schedule_ends_in_the_series_event_time() -> None:
     night = {
         "name": "night",
         "selector": {"tags": {"zone_class": "2"}},
@@ -230,12 +230,38 @@ def test_schedule_ends_a_firing_rule_on_the_clock_without_readings() -> None:
     }
     clock = Clock()
     ev = Evaluator(rules(night), CAT, clock)
-    clock.now = (MIDNIGHT_LOCAL + 5 * HOUR) * S
-    assert [s.status for s in ev.observe(NOISE, rows("laeq", (MIDNIGHT_LOCAL + 5 * HOUR, 70)))] == [
-        Status.FIRING
+    at = MIDNIGHT_LOCAL + 5 * HOUR + 57 * 60  # 05:57 local
+    clock.now = at * S
+    assert [s.status for s in ev.observe(NOISE, rows("laeq", (at, 70)))] == [Status.FIRING]
+    # The clock passes 06:00, but the series' own time (its last reading plus the 5 min it may
+    # still be late) is 06:02: the night rule ends there, not later and not from the clock alone.
+    clock.now = (MIDNIGHT_LOCAL + 7 * HOUR) * S
+    (ended,) = ev.tick()
+    assert (ended.status, ended.at_us) == (Status.INACTIVE, (at + 300) * S)
+    assert ev.tick() == []
+
+
+def test_timers_of_a_backfilled_series_run_on_its_readings_not_the_clock() -> None:
+    held = {**PONDING, "name": "held", "condition": {**PONDING["condition"], "for_s": 600}}  # type: ignore[dict-item]
+    clock = Clock()
+    clock.now = 100_000 * S  # the present; the readings below are a day old (backfill)
+    ev = Evaluator(rules(held), CAT, clock)
+    assert [s.status for s in ev.observe(PD1, rows("ponding_depth", (10_000, 20)))] == [Status.PENDING]
+    assert ev.tick() == []  # the clock is far past `for`, the series is not: still pending
+    assert [s.status for s in ev.observe(PD1, rows("ponding_depth", (10_300, 5)))] == [Status.INACTIVE]
+    ev.observe(PD1, rows("ponding_depth", (10_600, 20)))
+    assert [s.status for s in ev.observe(PD1, rows("ponding_depth", (11_200, 21)))] == [Status.FIRING]
+
+
+def test_a_silence_found_in_late_readings_is_raised_and_resolved() -> None:
+    silent = {"name": "silent", "condition": {"type": "no_data", "after_s": 3600}}
+    clock = Clock()
+    clock.now = 100_000 * S  # the present: the readings arrive as backfill, all at once
+    ev = Evaluator(rules(silent), CAT, clock)
+    assert ev.observe(PD1, rows("ponding_depth", (0, 1), (600, 1))) == []
+    signals = ev.observe(PD1, rows("ponding_depth", (10_000, 1), (10_600, 1)))
+    assert [(s.status, s.at_us) for s in signals] == [
+        (Status.FIRING, 4200 * S),
+        (Status.INACTIVE, 10_600 * S),
     ]
-    clock.now = (MIDNIGHT_LOCAL + 5 * HOUR + 59 * 60) * S  # 05:59 local: still night, nothing changes
-    assert ev.tick() == []
-    clock.now = (MIDNIGHT_LOCAL + 6 * HOUR) * S  # 06:00 local
-    assert [s.status for s in ev.tick()] == [Status.INACTIVE]
-    assert ev.tick() == []
+    assert ev.tick() == []  # it arrived just now: not silent by the clock
