@@ -35,7 +35,6 @@ import asyncio
 import contextlib
 import multiprocessing as mp
 import os
-import shutil
 import subprocess
 import tempfile
 import threading
@@ -55,7 +54,7 @@ from paho.mqtt.properties import Properties
 from cityops.catalogue import load_default_catalogue
 from cityops.db.connection import connection
 from cityops.db.migrate import migrate
-from cityops.embedded import EmbeddedPostgres, free_port, port_open
+from cityops.embedded import MosquittoProcess, EmbeddedPostgres, free_port
 from cityops.model import DeviceSpec
 from cityops.registry import import_fleet
 from cityops.settings import MqttEndpoint, Settings
@@ -314,40 +313,6 @@ async def prepare_database(admin_url: str) -> str:
     return url
 
 
-class Mosquitto:
-    def __init__(self, directory: Path) -> None:
-        self.directory, self.port = directory, free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> Mosquitto:
-        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        template = (REPO / "deploy" / "mosquitto" / "mosquitto.conf").read_text()
-        conf = self.directory / "mosquitto.conf"
-        lines = [line for line in template.splitlines() if not line.startswith(("plugin", "listener"))]
-        conf.write_text(
-            "\n".join(lines).replace("/var/lib/mosquitto/", f"{self.directory}/")
-            + f"\nlistener {self.port} 127.0.0.1\nallow_anonymous true\n"
-        )
-        self.proc = subprocess.Popen(
-            [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        deadline = time.monotonic() + 10
-        while not port_open("127.0.0.1", self.port):
-            if time.monotonic() > deadline:
-                raise RuntimeError("mosquitto did not start")
-            time.sleep(0.05)
-        return self
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
-
-
 def start_pipeline(
     db_url: str, mqtt_url: str, root: str, metrics_port: int, tmp: Path, extra: list[str]
 ) -> subprocess.Popen[bytes]:
@@ -410,7 +375,7 @@ def main() -> None:
                 admin_url = local
             except psycopg.Error:
                 admin_url = stack.enter_context(EmbeddedPostgres(tmp / "pg")).admin_url
-        mqtt_url = args.mqtt_url or stack.enter_context(Mosquitto(tmp)).url
+        mqtt_url = args.mqtt_url or stack.enter_context(MosquittoProcess(tmp / "broker")).url
         print(
             f"PostgreSQL {admin_url.rsplit('@', 1)[-1]}, broker {mqtt_url}, {os.cpu_count()} cores; "
             f"{args.seconds:.0f} s windows after {WARMUP_S:.0f} s warm-up"

@@ -9,8 +9,10 @@ from __future__ import annotations
 import logging
 import os
 import pwd
+import shutil
 import socket
 import subprocess
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -279,3 +281,68 @@ def _broker_config(ports: BrokerPorts) -> str:
         f'[v5.1]\nname = "mqtt5"\nlisten = "127.0.0.1:{ports.mqtt5}"\nnext_connection_delay_ms = 1\n'
         f"[v5.1.connections]\n{connections}"
     )
+
+
+# Mosquitto's configuration for cityops, shipped beside the code (deploy/) and read from there.
+MOSQUITTO_TEMPLATE = Path(__file__).resolve().parents[1] / "deploy" / "mosquitto" / "mosquitto.conf"
+MOSQUITTO_START_TIMEOUT_S = 10.0
+
+
+def mosquitto_binary() -> str | None:
+    """The installed ``mosquitto`` program, if any (Debian puts it in /usr/sbin)."""
+    return shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
+
+
+class MosquittoProcess:
+    """A Mosquitto of our own on a free 127.0.0.1 port, configured like ``deploy/mosquitto``, with its
+    persistence under ``directory``: stop and start it again and its sessions and queues survive (a
+    broker outage, as the tests and benchmarks stage it)."""
+
+    def __init__(self, directory: Path, binary: str | None = None) -> None:
+        self.directory = directory.resolve()
+        self.binary = binary or mosquitto_binary()
+        self.port = free_port()
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> MosquittoProcess:
+        if self.binary is None:
+            raise EmbeddedServiceError("mosquitto is not installed (apt-get install mosquitto)")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        conf = self.directory / "mosquitto.conf"
+        template = MOSQUITTO_TEMPLATE.read_text(encoding="utf-8")
+        # Our own listener, anonymous, without the device-account plugin; persistence under our dir.
+        kept = [line for line in template.splitlines() if not line.startswith(("plugin", "listener"))]
+        conf.write_text(
+            "\n".join(kept).replace("/var/lib/mosquitto/", f"{self.directory}/")
+            + f"\nlistener {self.port} 127.0.0.1\nallow_anonymous true\n"
+            # Started as root, Mosquitto would switch to its own user, which cannot write our files.
+            + f"user {pwd.getpwuid(os.getuid()).pw_name}\n"
+        )
+        self._proc = subprocess.Popen(
+            [self.binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        give_up = time.monotonic() + MOSQUITTO_START_TIMEOUT_S
+        while not port_open("127.0.0.1", self.port):
+            if self._proc.poll() is not None or time.monotonic() > give_up:
+                raise EmbeddedServiceError(f"mosquitto did not start on port {self.port}")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        """Stop (SIGTERM: Mosquitto writes its persistence file on the way out)."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            proc.terminate()
+            proc.wait(MOSQUITTO_START_TIMEOUT_S)
+
+    def __enter__(self) -> MosquittoProcess:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

@@ -17,10 +17,13 @@ from cityops.errors import ConfigError
 from cityops.registry import import_fleet
 from cityops.services import database_url, mqtt_v311_url
 from cityops.settings import Settings
+from cityops.up import stop_on_signals
+from device_sim.agent import Agent, AgentOptions
 from device_sim.fleet import build_fleet
 from device_sim.load import DEFAULT_MAX_RATE, SimPlan, publish, scenario_truth
 from device_sim.payloads import Shape
 from device_sim.scenario import default_start_ms, find_scenario, shipped_scenarios
+from device_sim.sources import CommandSource, Source, StdinSource, plugin_source
 from device_sim.verify import wait_and_reconcile
 
 DEFAULT_DEVICES = 300
@@ -174,4 +177,53 @@ def _timestamp(text: str) -> datetime:
     return value
 
 
+class AgentCommand:
+    name = "agent"
+    help = "the device agent: read a source, publish at QoS 1, spool on disk while offline"
+
+    def configure(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--device", required=True, help="this device's id (as registered)")
+        source = parser.add_mutually_exclusive_group()
+        source.add_argument("--stdin", action="store_true", help="readings as JSON lines on stdin (default)")
+        source.add_argument("--command", help="a shell command whose output is one reading")
+        source.add_argument("--plugin", help="a source from the cityops.agent_sources entry points")
+        parser.add_argument("--interval", type=float, default=60.0, help="seconds between --command runs")
+        parser.add_argument(
+            "--option", action="append", default=[], metavar="KEY=VALUE", help="plugin option"
+        )
+        parser.add_argument(
+            "--spool", type=Path, help="spool file (default: <data dir>/agent-<device>.sqlite)"
+        )
+        parser.add_argument("--spool-max", type=int, default=100_000, help="messages kept while offline")
+        parser.add_argument(
+            "--replay-rate", type=float, default=50.0, help="backlog messages/s after reconnect"
+        )
+
+    async def run(self, args: argparse.Namespace, settings: Settings, catalogue: Catalogue) -> int:
+        if args.interval <= 0 or args.spool_max < 1 or args.replay_rate <= 0:
+            raise ConfigError("--interval, --spool-max and --replay-rate must be positive")
+        source: Source
+        if args.command:
+            source = CommandSource(args.command, args.interval)
+        elif args.plugin:
+            plugin_options = dict(item.partition("=")[::2] for item in args.option)
+            source = plugin_source(args.plugin, plugin_options)
+        else:
+            source = StdinSource()
+        options = AgentOptions(
+            device_id=args.device,
+            mqtt_url=settings.mqtt_url or mqtt_v311_url(settings),
+            topic_root=settings.topic_root,
+            spool_path=args.spool or settings.data_dir / f"agent-{args.device}.sqlite",
+            spool_max=args.spool_max,
+            replay_rate=args.replay_rate,
+        )
+        agent = Agent(options, source)
+        stop = asyncio.Event()
+        with stop_on_signals(stop):
+            await agent.run(stop)
+        return 0
+
+
 sim_command = SimCommand()
+agent_command = AgentCommand()

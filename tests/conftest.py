@@ -21,7 +21,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from cityops.catalogue import Catalogue, load_default_catalogue
 from cityops.db.connection import AsyncConn, connection
 from cityops.db.migrate import migrate
-from cityops.embedded import EmbeddedBroker, EmbeddedPostgres, port_open
+from cityops.embedded import EmbeddedBroker, EmbeddedPostgres, mosquitto_binary, port_open
 from cityops.settings import Settings, StorageMode
 
 LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -38,6 +38,7 @@ class TestEnvironment(BaseSettings):
     mqtt_url: str | None = None
     timescale_url: str | None = None
     require_timescale: bool = False
+    require_mosquitto: bool = False
 
 
 @pytest.fixture(scope="session")
@@ -155,3 +156,14 @@ def timescale_url(test_env: TestEnvironment) -> str:
             "no TimescaleDB: set CITYOPS_TEST_TIMESCALE_URL (./run test starts one when Node.js is here)"
         )
     return test_env.timescale_url
+
+
+@pytest.fixture
+def mosquitto(test_env: TestEnvironment) -> str:
+    """The mosquitto program, for tests that stop and restart a broker of their own."""
+    binary = mosquitto_binary()
+    if binary is None:
+        if test_env.require_mosquitto:
+            pytest.fail("CITYOPS_TEST_REQUIRE_MOSQUITTO is set but mosquitto is not installed")
+        pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
+    return binary
