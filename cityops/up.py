@@ -36,7 +36,11 @@ def utc_now() -> datetime:
 
 
 async def maintenance_loop(
-    db_url: str, settings: Settings, stop: asyncio.Event, clock: Clock = utc_now
+    db_url: str,
+    settings: Settings,
+    stop: asyncio.Event,
+    clock: Clock = utc_now,
+    interval_s: float = MAINTENANCE_INTERVAL_S,
 ) -> None:
     while not stop.is_set():
         try:
@@ -52,6 +56,8 @@ async def maintenance_loop(
                 )
         except Exception:
             log.exception("maintenance round failed; retrying next round")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval_s)
 
 
 def banner(endpoints: Endpoints, mode: str, settings: Settings, components: list[Component]) -> str:

@@ -96,3 +96,35 @@ async def test_up_starts_and_stops_embedded_services(tmp_path: Path, catalogue: 
     db_port = int(endpoints.database_url.split(":")[2].split("/")[0])
     mqtt = MqttEndpoint.parse(endpoints.mqtt_url)
     assert not port_open("127.0.0.1", db_port) and not port_open(mqtt.host, mqtt.port)
+
+
+async def test_maintenance_runs_a_round_then_waits_for_its_interval(
+    migrated_conn: object, settings: Settings
+) -> None:
+    from datetime import UTC, datetime
+
+    from cityops.up import maintenance_loop
+
+    assert settings.database_url is not None
+    rounds: list[datetime] = []
+
+    def clock() -> datetime:
+        rounds.append(datetime.now(UTC))
+        return rounds[-1]
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        maintenance_loop(settings.database_url, settings, stop, clock, interval_s=3600)
+    )
+
+    async def one_round_done() -> None:
+        assert rounds
+        cur = await migrated_conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        )  # type: ignore[attr-defined]
+        assert (await cur.fetchone())[0] == 1  # the round's connection is closed: it is waiting now
+
+    await eventually(one_round_done)
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    assert len(rounds) == 1
