@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cityops {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    commands.add_parser("up", help="start everything (embedded services when none are configured)")
+    up = commands.add_parser("up", help="start everything (embedded services when none are configured)")
+    up.add_argument("--demo", action="store_true", help="also play a simulated city with incidents, live")
 
     db = commands.add_parser("db", help="database schema and housekeeping").add_subparsers(
         dest="db_command", required=True
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace, settings: Settings, catalogue: Catalogue) -> int:
     if args.command == "up":
-        _run(run_up(settings, catalogue))
+        _run(run_up(settings.model_copy(update={"demo": True}) if args.demo else settings, catalogue))
         return 0
     if args.command == "catalogue":
         _print_catalogue(catalogue, as_json=args.json)

@@ -52,6 +52,12 @@ class Component(Protocol):
         ...
 
 
+def enabled(component: Component, settings: Settings) -> bool:
+    """Whether ``cityops up`` runs it: a component may say no (the demo runs only with --demo)."""
+    check = getattr(component, "enabled", None)
+    return True if check is None else bool(check(settings))
+
+
 def discover() -> list[Component]:
     found: list[Component] = []
     for entry in entry_points(group=GROUP):

@@ -157,6 +157,9 @@ class Settings(BaseSettings):
         description="on start, rule state is rebuilt from at most this much recent history",
     )
 
+    # --- demo -----------------------------------------------------------------------------------
+    demo: bool = Field(default=False, description="cityops up: play the demo scenario (cityops up --demo)")
+
     # --- API ------------------------------------------------------------------------------------
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8080, ge=0, le=65535)

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 
 from cityops.catalogue import Catalogue
-from cityops.components import Component, discover
+from cityops.components import Component, discover, enabled
 from cityops.db.connection import connection, redact
 from cityops.db.maintenance import maintain
 from cityops.db.migrate import migrate
@@ -94,7 +94,7 @@ async def run_up(
                 await maintain(conn, settings, utc_now())
             write_runtime(settings, endpoints)
             services = endpoints.services
-            components = discover()
+            components = [c for c in discover() if enabled(c, settings)]
             maintenance = asyncio.create_task(
                 maintenance_loop(endpoints.database_url, settings, stop), name="maintenance"
             )

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import threading
 import time
 import uuid
 from collections import Counter
@@ -85,8 +86,11 @@ def share(fleet: list[SimDevice], index: int, processes: int) -> set[str]:
     return {d.id for n, d in enumerate(fleet) if n % processes == index}
 
 
-def publish_share(plan: SimPlan, index: int, now_ms: Any = None) -> PublisherReport:
-    """One process's share: simulate, encode, publish at QoS ``plan.qos``, paced by the wall clock."""
+def publish_share(
+    plan: SimPlan, index: int, now_ms: Any = None, halt: threading.Event | None = None
+) -> PublisherReport:
+    """One process's share: simulate, encode, publish at QoS ``plan.qos``, paced by the wall clock.
+    ``halt`` ends it early (what was sent is still flushed)."""
     clock = now_ms or (lambda: time.time_ns() // 1_000_000)
     catalogue = load_default_catalogue()
     fleet = fleet_for(plan, catalogue)
@@ -108,7 +112,7 @@ def publish_share(plan: SimPlan, index: int, now_ms: Any = None) -> PublisherRep
     publisher = _connect(endpoint, index)
     try:
         cursor = plan.start_ms
-        while cursor < plan.end_ms:
+        while cursor < plan.end_ms and not (halt is not None and halt.is_set()):
             wall = clock()
             if cursor + SLICE_MS > wall:  # caught up with the present: real time from here
                 time.sleep(min(SLICE_MS, cursor + SLICE_MS - wall) / 1000)

@@ -18,6 +18,7 @@ from cityops.errors import CityopsError
 # under the 65 535 packet ids and the broker's in-flight limit.
 DEFAULT_WINDOW = 2000
 _PUBACK = 0x40
+KEEPALIVE_S = 600
 _CONNECT_TIMEOUT_S = 10.0
 
 
@@ -66,7 +67,8 @@ class BulkPublisher:
             if password is not None:
                 flags |= 0x40
                 payload += _string(password.encode())
-        variable = _string(b"MQTT") + bytes([4, flags]) + struct.pack("!H", 0)  # keep-alive off
+        # Some brokers (rumqttd) refuse a keep-alive of 0; a publisher this busy never idles that long.
+        variable = _string(b"MQTT") + bytes([4, flags]) + struct.pack("!H", KEEPALIVE_S)
         body = variable + payload
         self._sock.sendall(bytes([0x10]) + _remaining_length(len(body)) + body)
         connack = self._read_exactly(4)
