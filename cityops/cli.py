@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 
 from cityops import __version__
+from cityops.apikeys import Role, create_key
 from cityops.catalogue import Catalogue, load_default_catalogue
 from cityops.components import Component, discover, discover_commands
 from cityops.db.connection import connection, redact
@@ -52,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("--district")
     lst.add_argument("--json", action="store_true", help="JSON lines instead of a table")
 
+    keys = commands.add_parser("apikey", help="API keys").add_subparsers(dest="apikey_command", required=True)
+    create = keys.add_parser("create", help="make a key (printed once)")
+    create.add_argument("--name", required=True, help="who or what uses it")
+    create.add_argument("--role", choices=[r.value for r in Role], required=True)
+    create.add_argument("--tenant", action="append", help="a tenant it may see (repeatable); default: all")
+
     cat = commands.add_parser("catalogue", help="the metric catalogue and device kinds")
     cat.add_argument("--json", action="store_true")
 
@@ -85,6 +92,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings, catalogue: Catalogue
     if args.command == "catalogue":
         _print_catalogue(catalogue, as_json=args.json)
         return 0
+    if args.command == "apikey":
+        return _run(_apikey_create(settings, args))
     if args.command == "db":
         handlers = {"migrate": _db_migrate, "status": _db_status, "maintain": _db_maintain}
         return _run(handlers[args.db_command](settings, catalogue))
@@ -110,6 +119,15 @@ def _run(coro: Coroutine[Any, Any, int | None]) -> int:
     except ImportError:
         result = asyncio.run(coro)
     return result or 0
+
+
+async def _apikey_create(settings: Settings, args: argparse.Namespace) -> int:
+    async with connection(database_url(settings)) as conn:
+        key_id, key = await create_key(conn, args.name, Role(args.role), args.tenant)
+    scope = ", ".join(args.tenant) if args.tenant else "every tenant"
+    print(f"key {key_id} ({args.role}, {scope}): {key}")
+    print("It is shown once; keep it somewhere safe.", file=sys.stderr)
+    return 0
 
 
 async def _db_migrate(settings: Settings, catalogue: Catalogue) -> int:

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 
+from cityops.apikeys import Role, create_key, has_admin_key
 from cityops.catalogue import Catalogue
 from cityops.components import Component, discover, enabled
 from cityops.db.connection import connection, redact
@@ -25,6 +26,7 @@ from cityops.settings import Settings
 
 log = logging.getLogger(__name__)
 
+FIRST_KEY_NAME = "first admin (cityops up)"
 # Housekeeping cadence: partitions are created a week ahead, so every few minutes is plenty.
 MAINTENANCE_INTERVAL_S = 300.0
 
@@ -92,6 +94,11 @@ async def run_up(
             async with connection(endpoints.database_url) as conn:
                 report = await migrate(conn, settings, catalogue)
                 await maintain(conn, settings, utc_now())
+                first_key = (
+                    None
+                    if await has_admin_key(conn)
+                    else await create_key(conn, FIRST_KEY_NAME, Role.ADMIN, None)
+                )
             write_runtime(settings, endpoints)
             services = endpoints.services
             components = [c for c in discover() if enabled(c, settings)]
@@ -103,6 +110,13 @@ async def run_up(
                 for c in components
             ]
             print(banner(endpoints, report.mode.value, settings, components), file=sys.stderr, flush=True)
+            if first_key is not None:
+                print(
+                    f"First admin API key (shown once, keep it): {first_key[1]}\n"
+                    "  more: cityops apikey create --name NAME --role viewer|operator|admin [--tenant T]",
+                    file=sys.stderr,
+                    flush=True,
+                )
             try:
                 if ready is not None:
                     await ready(endpoints)

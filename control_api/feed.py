@@ -1,0 +1,178 @@
+"""The live alert feed: Server-Sent Events driven by ``LISTEN cityops_alerts``, resumable.
+
+One LISTEN connection per API process (the :class:`FeedHub`) wakes every client; each client then
+reads the events it has not sent yet from ``alert_events``, filtered like the alert list and scoped
+to its key. So a client that reconnects with ``Last-Event-ID`` first receives every event it missed,
+in order, then live ones: the database, not the notification, is the source, and nothing is sent
+twice. A client too slow to keep up is cut off (it reconnects and catches up from its last id);
+idle connections get a heartbeat comment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Annotated, Any
+
+import orjson
+import psycopg
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import StreamingResponse
+from prometheus_client import Gauge
+
+from cityops.apikeys import Principal
+from cityops.db.connection import connect
+from cityops.model import AlertState, Domain, Severity
+from control_api.alerts import alert_filters
+from control_api.deps import Viewer, pool
+from control_api.problems import invalid
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "cityops_alerts"
+HEARTBEAT_S = 15.0
+# Wake-ups a client may have pending; beyond that it is cut off and resumes by itself.
+CLIENT_QUEUE = 1000
+# Events read from the database per round.
+PAGE = 500
+LISTEN_RETRY_S = 2.0
+
+router = APIRouter(prefix="/api/v1/alerts", tags=["alerts"])
+
+
+class FeedHub:
+    """Wakes every feed client when an alert event commits."""
+
+    def __init__(self, database_url: str, clients_gauge: Gauge) -> None:
+        self._url = database_url
+        self._clients: set[asyncio.Queue[None]] = set()
+        self._gauge = clients_gauge
+
+    def subscribe(self) -> asyncio.Queue[None]:
+        queue: asyncio.Queue[None] = asyncio.Queue(CLIENT_QUEUE)
+        self._clients.add(queue)
+        self._gauge.set(len(self._clients))
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[None]) -> None:
+        self._clients.discard(queue)
+        self._gauge.set(len(self._clients))
+
+    def _wake(self) -> None:
+        for queue in list(self._clients):
+            with contextlib.suppress(asyncio.QueueFull):  # a full queue already means "read again"
+                queue.put_nowait(None)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                conn = await connect(self._url, autocommit=True)
+            except Exception as exc:
+                log.warning("feed cannot LISTEN", extra={"error": str(exc)[:200]})
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), LISTEN_RETRY_S)
+                continue
+            try:
+                await conn.execute(f"LISTEN {CHANNEL}")
+                self._wake()  # events may have committed while we were not listening
+                while not stop.is_set():
+                    async for _ in conn.notifies(timeout=1.0):
+                        self._wake()
+            except psycopg.Error as exc:
+                log.warning("feed lost its LISTEN connection", extra={"error": str(exc)[:200]})
+            finally:
+                await conn.close()
+
+
+def _event_sql(where: list[str]) -> str:
+    return (
+        "SELECT e.id, e.alert_id, e.at, e.kind, e.from_state, e.to_state, e.actor, e.detail, "
+        "a.state, a.severity, a.tenant, a.labels, a.summary, a.last_value "
+        f"FROM alert_events e JOIN alerts a ON a.id = e.alert_id WHERE e.id > %s AND {' AND '.join(where)} "
+        f"ORDER BY e.id LIMIT {PAGE}"
+    )
+
+
+def _frame(row: tuple[Any, ...]) -> bytes:
+    (event_id, alert_id, at, kind, from_state, to_state, actor, detail,
+     state, severity, tenant, labels, summary, last_value) = row  # fmt: skip
+    data = {
+        "event_id": event_id, "alert_id": alert_id, "at": at.isoformat(), "kind": kind,
+        "from_state": from_state, "to_state": to_state, "actor": actor, "detail": detail,
+        "alert": {"state": state, "severity": severity, "tenant": tenant, "labels": labels,
+                  "summary": summary, "last_value": last_value},
+    }  # fmt: skip
+    return b"id: %d\nevent: alert\ndata: %s\n\n" % (event_id, orjson.dumps(data))
+
+
+@router.get(
+    "/stream",
+    summary="Live alert events (Server-Sent Events), resumable with Last-Event-ID",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "`id:` is the alert event id"}},
+)
+async def stream(
+    request: Request,
+    caller: Viewer,
+    state: Annotated[list[AlertState] | None, Query()] = None,
+    severity: Annotated[list[Severity] | None, Query()] = None,
+    tenant: str | None = None,
+    domain: Domain | None = None,
+    district: str | None = None,
+    device: str | None = None,
+    rule: str | None = None,
+    since: Annotated[int | None, Query(ge=0, description="resume after this event id")] = None,
+    last_event_id: Annotated[str | None, Header(description="SSE resume: the last id received")] = None,
+) -> StreamingResponse:
+    after = _resume_point(last_event_id, since)
+    where, params = alert_filters(caller, state, severity, tenant, domain, district, device, rule)
+    hub: FeedHub = request.app.state.feed
+    return StreamingResponse(
+        _events(request, hub, caller, where, params, after),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    )
+
+
+def _resume_point(last_event_id: str | None, since: int | None) -> int:
+    if last_event_id is not None:
+        if not last_event_id.isdigit():
+            raise invalid("Last-Event-ID", "header", "an event id (a non-negative integer)")
+        return int(last_event_id)
+    if since is not None:
+        return since
+    return -1  # from now: set when the stream starts
+
+
+async def _events(
+    request: Request, hub: FeedHub, caller: Principal, where: list[str], params: list[Any], after: int
+) -> AsyncIterator[bytes]:
+    wake = hub.subscribe()  # before the first read: nothing committed after it is missed
+    try:
+        db = pool(request)
+        if after < 0:
+            async with db.connection() as conn:
+                cur = await conn.execute("SELECT coalesce(max(id), 0) FROM alert_events")
+                row = await cur.fetchone()
+                after = int(row[0]) if row else 0
+        yield b": connected; resuming after event %d\n\n" % after
+        sql = _event_sql(where)
+        while not await request.is_disconnected():
+            async with db.connection() as conn:
+                while True:
+                    cur = await conn.execute(sql, [after, *params])
+                    rows = await cur.fetchall()
+                    for row in rows:
+                        after = row[0]
+                        yield _frame(row)
+                    if len(rows) < PAGE:
+                        break
+            try:
+                await asyncio.wait_for(wake.get(), HEARTBEAT_S)
+            except TimeoutError:
+                yield b": heartbeat %s\n\n" % datetime.now().isoformat(timespec="seconds").encode()
+    finally:
+        hub.unsubscribe(wake)
