@@ -12,7 +12,12 @@ import orjson
 from cityops.settings import LogFormat
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=`` and is a field.
-_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+# (uvicorn adds ``color_message``, the same message with terminal colours: noise here.)
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message",
+    "asctime",
+    "color_message",
+}
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
