@@ -14,7 +14,7 @@ from cityops import __version__
 from cityops.catalogue import Catalogue
 from cityops.db.connection import open_pool
 from cityops.settings import Settings
-from control_api import alerts, devices, feed, ops, problems, readings
+from control_api import alerts, devices, feed, ops, problems, readings, rules_api
 from control_api.feed import FeedHub
 from control_api.ops import ApiMetrics
 
@@ -74,4 +74,5 @@ def create_app(
     app.include_router(alerts.router)
     app.include_router(devices.router)
     app.include_router(readings.router)
+    app.include_router(rules_api.router)
     return app
