@@ -14,7 +14,7 @@ from cityops import __version__
 from cityops.catalogue import Catalogue
 from cityops.db.connection import open_pool
 from cityops.settings import Settings
-from control_api import alerts, devices, feed, ops, problems, readings, rules_api
+from control_api import alerts, devices, feed, ops, overview, problems, readings, rules_api
 from control_api.feed import FeedHub
 from control_api.ops import ApiMetrics
 
@@ -75,4 +75,5 @@ def create_app(
     app.include_router(devices.router)
     app.include_router(readings.router)
     app.include_router(rules_api.router)
+    app.include_router(overview.router)
     return app

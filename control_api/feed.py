@@ -13,18 +13,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Annotated, Any
 
 import orjson
 import psycopg
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Header, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import StreamingResponse
 from prometheus_client import Gauge
+from psycopg_pool import AsyncConnectionPool
 
-from cityops.apikeys import Principal
-from cityops.db.connection import connect
+from cityops.apikeys import authenticate
+from cityops.db.connection import AsyncConn, connect
 from cityops.model import AlertState, Domain, Severity
 from control_api.alerts import alert_filters
 from control_api.deps import Viewer, pool
@@ -39,6 +40,7 @@ CLIENT_QUEUE = 1000
 # Events read from the database per round.
 PAGE = 500
 LISTEN_RETRY_S = 2.0
+WS_UNAUTHORIZED = 4401  # a WebSocket close code in the private range: "401"
 
 router = APIRouter(prefix="/api/v1/alerts", tags=["alerts"])
 
@@ -96,16 +98,51 @@ def _event_sql(where: list[str]) -> str:
     )
 
 
-def _frame(row: tuple[Any, ...]) -> bytes:
+def _event(row: tuple[Any, ...]) -> dict[str, Any]:
     (event_id, alert_id, at, kind, from_state, to_state, actor, detail,
      state, severity, tenant, labels, summary, last_value) = row  # fmt: skip
-    data = {
+    return {
         "event_id": event_id, "alert_id": alert_id, "at": at.isoformat(), "kind": kind,
         "from_state": from_state, "to_state": to_state, "actor": actor, "detail": detail,
         "alert": {"state": state, "severity": severity, "tenant": tenant, "labels": labels,
                   "summary": summary, "last_value": last_value},
     }  # fmt: skip
-    return b"id: %d\nevent: alert\ndata: %s\n\n" % (event_id, orjson.dumps(data))
+
+
+async def feed_events(
+    db: AsyncConnectionPool[AsyncConn],
+    hub: FeedHub,
+    where: list[str],
+    params: list[Any],
+    after: int,
+    gone: Callable[[], Awaitable[bool]],
+    left: asyncio.Event | None = None,
+) -> AsyncIterator[dict[str, Any] | None]:
+    """Events after ``after`` (every one committed so far, then live ones), in id order; ``None``
+    when idle for a heartbeat interval. The first item is ``{"resumed_after": id}``."""
+    wake = hub.subscribe()  # before the first read: nothing committed after it is missed
+    try:
+        if after < 0:
+            async with db.connection() as conn:
+                cur = await conn.execute("SELECT coalesce(max(id), 0) FROM alert_events")
+                row = await cur.fetchone()
+                after = int(row[0]) if row else 0
+        yield {"resumed_after": after}
+        sql = _event_sql(where)
+        while not await gone():
+            async with db.connection() as conn:
+                while True:
+                    cur = await conn.execute(sql, [after, *params])
+                    rows = await cur.fetchall()
+                    for row in rows:
+                        after = row[0]
+                        yield _event(row)
+                    if len(rows) < PAGE:
+                        break
+            if not await _woken(wake, left):
+                yield None
+    finally:
+        hub.unsubscribe(wake)
 
 
 @router.get(
@@ -131,7 +168,7 @@ async def stream(
     where, params = alert_filters(caller, state, severity, tenant, domain, district, device, rule)
     hub: FeedHub = request.app.state.feed
     return StreamingResponse(
-        _events(request, hub, caller, where, params, after),
+        _sse(request, hub, where, params, after),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )
@@ -147,32 +184,71 @@ def _resume_point(last_event_id: str | None, since: int | None) -> int:
     return -1  # from now: set when the stream starts
 
 
-async def _events(
-    request: Request, hub: FeedHub, caller: Principal, where: list[str], params: list[Any], after: int
+async def _woken(wake: asyncio.Queue[None], left: asyncio.Event | None) -> bool:
+    """Until an event commits (True), the heartbeat interval passes (False) or the client leaves."""
+    waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(wake.get())]
+    if left is not None:
+        waits.append(asyncio.ensure_future(left.wait()))
+    done, pending = await asyncio.wait(waits, timeout=HEARTBEAT_S, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
+    return bool(done)
+
+
+async def _sse(
+    request: Request, hub: FeedHub, where: list[str], params: list[Any], after: int
 ) -> AsyncIterator[bytes]:
-    wake = hub.subscribe()  # before the first read: nothing committed after it is missed
+    async for item in feed_events(pool(request), hub, where, params, after, request.is_disconnected):
+        if item is None:
+            yield b": heartbeat %s\n\n" % datetime.now().isoformat(timespec="seconds").encode()
+        elif "resumed_after" in item:
+            yield b": connected; resuming after event %d\n\n" % item["resumed_after"]
+        else:
+            yield b"id: %d\nevent: alert\ndata: %s\n\n" % (item["event_id"], orjson.dumps(item))
+
+
+@router.websocket("/ws")
+async def websocket_feed(
+    websocket: WebSocket,
+    state: Annotated[list[AlertState] | None, Query()] = None,
+    severity: Annotated[list[Severity] | None, Query()] = None,
+    tenant: str | None = None,
+    domain: Domain | None = None,
+    district: str | None = None,
+    device: str | None = None,
+    rule: str | None = None,
+    since: Annotated[int | None, Query(ge=0, description="resume after this event id")] = None,
+    token: Annotated[str | None, Query(description="the API key, where a header cannot be set")] = None,
+) -> None:
+    """The same events as the SSE stream, as JSON text messages; resume with ``since``."""
+    header = websocket.headers.get("authorization", "")
+    key = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else token
+    async with pool(websocket).connection() as conn:  # type: ignore[arg-type]
+        caller = await authenticate(conn, key) if key else None
+    await websocket.accept()  # accepted first, so that a refusal reaches the client as a close code
+    if caller is None:
+        await websocket.close(code=WS_UNAUTHORIZED, reason="unknown or missing API key")
+        return
+    where, params = alert_filters(caller, state, severity, tenant, domain, district, device, rule)
+    closed = asyncio.Event()
+
+    async def gone() -> bool:
+        return closed.is_set()
+
+    async def watch() -> None:
+        with contextlib.suppress(WebSocketDisconnect):
+            while True:
+                await websocket.receive_text()  # clients say nothing; this notices them leave
+        closed.set()
+
+    watcher = asyncio.create_task(watch(), name="ws-feed-watch")
     try:
-        db = pool(request)
-        if after < 0:
-            async with db.connection() as conn:
-                cur = await conn.execute("SELECT coalesce(max(id), 0) FROM alert_events")
-                row = await cur.fetchone()
-                after = int(row[0]) if row else 0
-        yield b": connected; resuming after event %d\n\n" % after
-        sql = _event_sql(where)
-        while not await request.is_disconnected():
-            async with db.connection() as conn:
-                while True:
-                    cur = await conn.execute(sql, [after, *params])
-                    rows = await cur.fetchall()
-                    for row in rows:
-                        after = row[0]
-                        yield _frame(row)
-                    if len(rows) < PAGE:
-                        break
-            try:
-                await asyncio.wait_for(wake.get(), HEARTBEAT_S)
-            except TimeoutError:
-                yield b": heartbeat %s\n\n" % datetime.now().isoformat(timespec="seconds").encode()
+        async for item in feed_events(pool(websocket), websocket.app.state.feed, where, params,  # type: ignore[arg-type]
+                                      -1 if since is None else since, gone, closed):  # fmt: skip
+            await websocket.send_text(
+                orjson.dumps(item if item is not None else {"heartbeat": True}).decode()
+            )
+    except (WebSocketDisconnect, RuntimeError):
+        pass  # the client left
     finally:
-        hub.unsubscribe(wake)
+        watcher.cancel()

@@ -604,3 +604,52 @@ async def test_silences_are_scoped_and_end_on_request(api: Api) -> None:
         await api.client.delete(f"/api/v1/silences/{made.json()['id']}", headers=api.auth("water_operator"))
     ).status_code == 204
     assert (await api.client.get("/api/v1/silences", headers=api.auth("water_viewer"))).json() == []
+
+
+async def test_overview_and_map(api: Api) -> None:
+    await api.conn.execute(
+        "UPDATE devices SET last_seen = %s WHERE external_id = 'pd-1'", (NOW - timedelta(minutes=1),)
+    )
+    await api.raise_alert("ponding", "pd-1", NOW)
+    cells = (await api.client.get("/api/v1/overview", headers=api.auth("water_viewer"))).json()
+    assert [
+        (c["domain"], c["district"], c["devices"], c["online"], c["offline"], c["open_alerts"]) for c in cells
+    ] == [
+        ("drainage", "haizhu", 1, 0, 1, {}),
+        ("drainage", "tianhe", 1, 1, 0, {"high": 1}),
+    ]
+    layer = (await api.client.get("/api/v1/map/devices.geojson", headers=api.auth("admin"))).json()
+    assert layer["type"] == "FeatureCollection"
+    by_id = {f["id"]: f for f in layer["features"]}
+    assert set(by_id) == {"pd-1", "pd-2", "gd-1"}
+    assert by_id["pd-1"]["geometry"] == {"type": "Point", "coordinates": [113.36, 23.12]}
+    assert (by_id["pd-1"]["properties"]["worst_open_alert"], by_id["pd-1"]["properties"]["presence"]) == (
+        "high",
+        "online",
+    )
+    assert by_id["gd-1"]["properties"]["worst_open_alert"] is None
+    gas_layer = (await api.client.get("/api/v1/map/devices.geojson", headers=api.auth("gas_operator"))).json()
+    assert [f["id"] for f in gas_layer["features"]] == ["gd-1"]
+
+
+async def test_websocket_feed_resumes_with_since(api: Api, served: str) -> None:
+    import websockets
+
+    first = await api.raise_alert("ponding", "pd-1", NOW)
+    cur = await api.conn.execute("SELECT min(id) FROM alert_events WHERE alert_id = %s", (first,))
+    (opened_event,) = await cur.fetchone()  # type: ignore[misc]
+    await api.raise_alert("leak", "gd-1", NOW)  # another tenant's
+    url = served.replace("http", "ws") + "/api/v1/alerts/ws"
+    async with websockets.connect(
+        f"{url}?since={opened_event - 1}", additional_headers=api.auth("water_viewer")
+    ) as ws:
+        assert orjson.loads(await asyncio.wait_for(ws.recv(), 10)) == {"resumed_after": opened_event - 1}
+        caught_up = orjson.loads(await asyncio.wait_for(ws.recv(), 10))
+        assert (caught_up["event_id"], caught_up["kind"]) == (opened_event, "opened")
+        await api.raise_alert("ponding", "pd-1", NOW + timedelta(minutes=1), Status.INACTIVE)
+        live = orjson.loads(await asyncio.wait_for(ws.recv(), 10))
+        assert (live["kind"], live["alert"]["labels"]["device"]) == ("resolved", "pd-1")
+    with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
+        async with websockets.connect(url) as ws:
+            await asyncio.wait_for(ws.recv(), 10)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
