@@ -298,9 +298,14 @@ class MosquittoProcess:
     persistence under ``directory``: stop and start it again and its sessions and queues survive (a
     broker outage, as the tests and benchmarks stage it)."""
 
-    def __init__(self, directory: Path, binary: str | None = None) -> None:
+    def __init__(
+        self, directory: Path, binary: str | None = None, *, dynsec_admin: tuple[str, str] | None = None
+    ) -> None:
+        """``dynsec_admin``: (username, password) of the dynamic-security admin; anonymous clients are
+        then refused and every account is managed over ``$CONTROL``, as in production."""
         self.directory = directory.resolve()
         self.binary = binary or mosquitto_binary()
+        self.dynsec_admin = dynsec_admin
         self.port = free_port()
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -314,11 +319,15 @@ class MosquittoProcess:
         self.directory.mkdir(parents=True, exist_ok=True)
         conf = self.directory / "mosquitto.conf"
         template = MOSQUITTO_TEMPLATE.read_text(encoding="utf-8")
-        # Our own listener, anonymous, without the device-account plugin; persistence under our dir.
-        kept = [line for line in template.splitlines() if not line.startswith(("plugin", "listener"))]
+        # Our own listener; persistence under our dir; the account plugin only when asked for.
+        dropped = ("plugin", "listener") if self.dynsec_admin is None else ("listener",)
+        kept = [line for line in template.splitlines() if not line.startswith(dropped)]
+        if self.dynsec_admin is not None:
+            self._init_dynsec(*self.dynsec_admin)
         conf.write_text(
             "\n".join(kept).replace("/var/lib/mosquitto/", f"{self.directory}/")
-            + f"\nlistener {self.port} 127.0.0.1\nallow_anonymous true\n"
+            + f"\nlistener {self.port} 127.0.0.1\n"
+            + f"allow_anonymous {'false' if self.dynsec_admin else 'true'}\n"
             # Started as root, Mosquitto would switch to its own user, which cannot write our files.
             + f"user {pwd.getpwuid(os.getuid()).pw_name}\n"
         )
@@ -331,6 +340,20 @@ class MosquittoProcess:
                 raise EmbeddedServiceError(f"mosquitto did not start on port {self.port}")
             time.sleep(0.05)
         return self
+
+    def _init_dynsec(self, username: str, password: str) -> None:
+        config = self.directory / "dynamic-security.json"
+        if config.exists():
+            return
+        ctrl = shutil.which("mosquitto_ctrl")
+        if ctrl is None:
+            raise EmbeddedServiceError("mosquitto_ctrl is not installed (it comes with mosquitto)")
+        subprocess.run(
+            [ctrl, "dynsec", "init", str(config), username, password],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
 
     def stop(self) -> None:
         """Stop (SIGTERM: Mosquitto writes its persistence file on the way out)."""

@@ -31,6 +31,11 @@ class MqttProtocol(StrEnum):
     V311 = "3.1.1"
 
 
+class BrokerAdmin(StrEnum):
+    NONE = "none"  # the broker has no account API: provisioning issues no credentials
+    MOSQUITTO_DYNSEC = "mosquitto-dynsec"  # Mosquitto's dynamic-security plugin over $CONTROL
+
+
 class LogFormat(StrEnum):
     CONSOLE = "console"
     JSON = "json"
@@ -160,6 +165,17 @@ class Settings(BaseSettings):
     # --- demo -----------------------------------------------------------------------------------
     demo: bool = Field(default=False, description="cityops up: play the demo scenario (cityops up --demo)")
 
+    # --- device accounts on the broker -------------------------------------------------------
+    broker_admin: BrokerAdmin = Field(
+        default=BrokerAdmin.NONE, description="how provisioning creates device accounts on the broker"
+    )
+    broker_admin_url: str | None = Field(
+        default=None, description="mqtt://admin:password@host:1883 of an account allowed $CONTROL"
+    )
+    device_mqtt_url: str | None = Field(
+        default=None, description="the broker URL handed to provisioned devices (default: CITYOPS_MQTT_URL)"
+    )
+
     # --- API ------------------------------------------------------------------------------------
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8080, ge=0, le=65535)
@@ -183,7 +199,7 @@ class Settings(BaseSettings):
             raise ValueError("must be a postgresql:// URL")
         return value
 
-    @field_validator("mqtt_url")
+    @field_validator("mqtt_url", "broker_admin_url", "device_mqtt_url")
     @classmethod
     def _check_mqtt_url(cls, value: str | None) -> str | None:
         if value is None or value == "":

@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Any
 
+import orjson
+import psycopg
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 
+from cityops.apikeys import Principal
 from cityops.catalogue import Catalogue
+from cityops.db.connection import AsyncConn
 from cityops.model import Domain, RejectReason
-from control_api.deps import Conn, Now, Viewer, scope_sql
-from control_api.problems import invalid, not_found
+from cityops.settings import BrokerAdmin, Settings
+from cityops.topics import Topics
+from control_api.broker_accounts import BrokerAdminError, DynsecAdmin
+from control_api.deps import Admin, Conn, Now, Viewer, scope_sql
+from control_api.problems import Problem, invalid, not_found
 
 router = APIRouter(prefix="/api/v1", tags=["devices"])
 MAX_LIMIT = 1000
@@ -233,3 +242,163 @@ async def dead_letters(
         for r in rows[:limit]
     ]
     return DeadLetterPage(items=items, next_cursor=str(items[-1].id) if len(rows) > limit else None)
+
+
+# --- provisioning (admins) ----------------------------------------------------------------------------
+class Credentials(BaseModel):
+    mqtt_url: str | None
+    username: str
+    password: str = Field(description="shown once: only a hash is kept")
+    publish_under: str
+    commands_on: str
+
+
+class Provisioned(DeviceOut):
+    credentials: Credentials | None = Field(
+        description="null when the broker has no account API (broker_admin=none)"
+    )
+
+
+class DeviceCreate(BaseModel):
+    id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    tenant: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9_-]+$")
+    kind: str
+    name: str = Field(min_length=1, max_length=200)
+    lat: float | None = Field(default=None, ge=-90, le=90)
+    lon: float | None = Field(default=None, ge=-180, le=180)
+    district: str | None = Field(default=None, max_length=100)
+    tags: dict[str, str] = Field(default_factory=dict)
+
+
+class DeviceUpdate(BaseModel):
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    lat: float | None = Field(default=None, ge=-90, le=90)
+    lon: float | None = Field(default=None, ge=-180, le=180)
+    district: str | None = Field(default=None, max_length=100)
+    tags: dict[str, str] | None = None
+
+
+def _broker(request: Request) -> DynsecAdmin | None:
+    settings: Settings = request.app.state.settings
+    if settings.broker_admin is BrokerAdmin.NONE:
+        return None
+    url = settings.broker_admin_url or request.app.state.mqtt_url
+    if not url:
+        raise Problem(503, "broker-unavailable", "Broker unavailable", "no broker to create the account on",
+                      headers={"Retry-After": "2"})  # fmt: skip
+    return DynsecAdmin(url, Topics(settings.topic_root))
+
+
+@router.post(
+    "/devices",
+    response_model=Provisioned,
+    status_code=201,
+    summary="Register a device, issue its credentials",
+)
+async def create_device(
+    body: DeviceCreate, request: Request, caller: Admin, conn: Conn, at: Now
+) -> Provisioned:
+    catalogue: Catalogue = request.app.state.catalogue
+    settings: Settings = request.app.state.settings
+    if caller.tenants is not None and body.tenant not in caller.tenants:
+        raise Problem(403, "forbidden", "Forbidden", f"this key cannot manage tenant {body.tenant!r}")
+    if body.kind not in catalogue.kinds:
+        raise invalid("kind", "body", f"unknown device kind {body.kind!r}")
+    broker = _broker(request)
+    password = secrets.token_urlsafe(24) if broker else None
+    async with conn.transaction():
+        try:
+            await conn.execute(
+                "INSERT INTO devices "
+                "(external_id, tenant, kind, name, lat, lon, district, tags, credentials_hash) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                (body.id, body.tenant, body.kind, body.name, body.lat, body.lon, body.district,
+                 orjson.dumps(body.tags).decode(), _hash(password) if password else None),
+            )  # fmt: skip
+        except psycopg.errors.UniqueViolation:
+            raise Problem(409, "conflict", "Conflict", f"device {body.id} exists") from None
+        # Inside the transaction: if the broker refuses, the device is not registered either.
+        if broker is not None and password is not None:
+            try:
+                await broker.create_device(body.id, password)
+            except BrokerAdminError as exc:
+                raise Problem(502, "broker-refused", "Broker refused", str(exc)) from None
+        await _audit(conn, caller, "device.create", body.id, None, body.model_dump())
+    device = await get_device(body.id, request, caller, conn, at)
+    topics = Topics(settings.topic_root)
+    credentials = (
+        Credentials(
+            mqtt_url=settings.device_mqtt_url or settings.mqtt_url,
+            username=body.id,
+            password=password,
+            publish_under=topics.device_prefix(body.id),
+            commands_on=topics.command(body.id, "+"),
+        )
+        if password
+        else None
+    )
+    return Provisioned(**device.model_dump(), credentials=credentials)
+
+
+@router.patch("/devices/{device_id}", response_model=DeviceOut, summary="Update a device's description")
+async def update_device(
+    device_id: str, body: DeviceUpdate, request: Request, caller: Admin, conn: Conn, at: Now
+) -> DeviceOut:
+    before = await get_device(device_id, request, caller, conn, at)
+    changes = body.model_dump(exclude_unset=True)
+    if not changes:
+        return before
+    columns = ", ".join(f"{name} = %s" for name in changes)
+    values = [orjson.dumps(v).decode() if name == "tags" else v for name, v in changes.items()]
+    async with conn.transaction():
+        await conn.execute(
+            f"UPDATE devices SET {columns}, updated_at = now() WHERE external_id = %s", [*values, device_id]
+        )
+        await _audit(conn, caller, "device.update", device_id, before.model_dump(mode="json"), changes)
+    return await get_device(device_id, request, caller, conn, at)
+
+
+async def _set_enabled(
+    device_id: str, enabled: bool, request: Request, caller: Principal, conn: AsyncConn, at: datetime
+) -> DeviceOut:
+    before = await get_device(device_id, request, caller, conn, at)
+    broker = _broker(request)
+    async with conn.transaction():
+        await conn.execute(
+            "UPDATE devices SET enabled = %s, updated_at = now() WHERE external_id = %s", (enabled, device_id)
+        )
+        if broker is not None:
+            try:
+                await broker.set_enabled(device_id, enabled)
+            except BrokerAdminError as exc:
+                raise Problem(502, "broker-refused", "Broker refused", str(exc)) from None
+        await _audit(conn, caller, "device.enable" if enabled else "device.disable", device_id,
+                     {"enabled": before.enabled}, {"enabled": enabled})  # fmt: skip
+    return await get_device(device_id, request, caller, conn, at)
+
+
+@router.post(
+    "/devices/{device_id}/disable", response_model=DeviceOut, summary="Disable (revokes the broker account)"
+)
+async def disable_device(device_id: str, request: Request, caller: Admin, conn: Conn, at: Now) -> DeviceOut:
+    return await _set_enabled(device_id, False, request, caller, conn, at)
+
+
+@router.post("/devices/{device_id}/enable", response_model=DeviceOut, summary="Enable again")
+async def enable_device(device_id: str, request: Request, caller: Admin, conn: Conn, at: Now) -> DeviceOut:
+    return await _set_enabled(device_id, True, request, caller, conn, at)
+
+
+def _hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+async def _audit(
+    conn: AsyncConn, caller: Principal, action: str, object_id: str, before: object, after: object
+) -> None:
+    await conn.execute(
+        "INSERT INTO audit_log (actor, action, object_type, object_id, before, after) "
+        "VALUES (%s, %s, 'device', %s, %s, %s)",
+        (caller.actor, action, object_id, orjson.dumps(before).decode() if before is not None else None,
+         orjson.dumps(after).decode()),
+    )  # fmt: skip
