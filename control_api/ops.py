@@ -22,6 +22,7 @@ router = APIRouter(tags=["ops"])
 # From a cached lookup to a 24 h series: request latencies span 1 ms to seconds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BROKER_CHECK_TIMEOUT_S = 2.0
+NOT_CONFIGURED = "not configured"  # an API without a broker reads and acts; only provisioning needs one
 
 
 class ApiMetrics:
@@ -58,10 +59,14 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Database and broker reachable", responses={503: {"description": "not ready"}})
+@router.get(
+    "/readyz",
+    summary="Database and broker reachable",
+    responses={503: {"description": "not ready: the body says which", "content": {"application/json": {}}}},
+)
 async def readyz(request: Request, response: Response) -> dict[str, str]:
     checks = {"database": await _database_ok(request), "broker": await _broker_ok(request.app.state.mqtt_url)}
-    if not all(v == "ok" for v in checks.values()):
+    if not all(v in ("ok", NOT_CONFIGURED) for v in checks.values()):
         response.status_code = 503
         response.headers["Retry-After"] = "2"
     return checks
@@ -78,7 +83,7 @@ async def _database_ok(request: Request) -> str:
 
 async def _broker_ok(url: str | None) -> str:
     if not url:
-        return "not configured"
+        return NOT_CONFIGURED
     endpoint = MqttEndpoint.parse(url)
     try:
         _, writer = await asyncio.wait_for(
