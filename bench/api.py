@@ -15,9 +15,15 @@ import argparse
 import asyncio
 import random
 import statistics
+import sys
 import threading
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+# Run as a script, this file's folder comes first on sys.path, and bench/rules.py would hide the
+# `rules` package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import httpx
 import psycopg
