@@ -89,7 +89,7 @@ async def build(url: str, devices: int, days: int, alerts: int, start: datetime)
 
 
 def serve(url: str) -> tuple[_Server, threading.Thread, int]:
-    app = create_app(Settings(database_url=url), load_default_catalogue(), url)
+    app = create_app(Settings(database_url=url, api_rate_limit=0), load_default_catalogue(), url)
     port = free_port()
     server = _Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on", access_log=False)

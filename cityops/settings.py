@@ -179,6 +179,10 @@ class Settings(BaseSettings):
     # --- API ------------------------------------------------------------------------------------
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8080, ge=0, le=65535)
+    api_rate_limit: float = Field(
+        default=50.0, ge=0, description="requests per second per API key; 0: no limit"
+    )
+    api_rate_burst: float = Field(default=200.0, ge=1, description="requests a key may make at once")
 
     # --- local state, embedded services, logs ----------------------------------------------------
     data_dir: Path = Field(default=Path(".cityops"), description="embedded services and runtime files")

@@ -14,7 +14,7 @@ from cityops import __version__
 from cityops.catalogue import Catalogue
 from cityops.db.connection import open_pool
 from cityops.settings import Settings
-from control_api import alerts, devices, feed, ops, overview, problems, readings, rules_api
+from control_api import alerts, devices, feed, limits, ops, overview, problems, readings, rules_api
 from control_api.feed import FeedHub
 from control_api.ops import ApiMetrics
 
@@ -69,6 +69,8 @@ def create_app(
     app.state.metrics = metrics
     problems.install(app)
     ops.instrument(app, metrics)
+    if settings.api_rate_limit > 0:
+        limits.install(app, limits.RateLimiter(settings.api_rate_limit, settings.api_rate_burst))
     app.include_router(ops.router)
     app.include_router(feed.router)  # before /alerts/{id}: "stream" is not an alert id
     app.include_router(alerts.router)

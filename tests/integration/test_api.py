@@ -653,3 +653,25 @@ async def test_websocket_feed_resumes_with_since(api: Api, served: str) -> None:
         async with websockets.connect(url) as ws:
             await asyncio.wait_for(ws.recv(), 10)
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
+
+
+async def test_a_key_over_its_rate_gets_429_with_retry_after(
+    migrated_conn: AsyncConn, settings: Settings, catalogue: Catalogue
+) -> None:
+    assert settings.database_url is not None
+    limited = settings.model_copy(update={"api_rate_limit": 1.0, "api_rate_burst": 3.0})
+    app = create_app(limited, catalogue, settings.database_url, clock=lambda: NOW)
+    _, key = await create_key(migrated_conn, "busy script", Role.VIEWER, None)
+    _, other = await create_key(migrated_conn, "ops desk", Role.VIEWER, None)
+    transport = httpx.ASGITransport(app=app)
+    busy = {"Authorization": f"Bearer {key}"}
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://api") as client,
+    ):
+        codes = [(await client.get("/api/v1/alerts", headers=busy)).status_code for _ in range(5)]
+        assert codes[:3] == [200, 200, 200] and codes[3:] == [429, 429]
+        refused = await client.get("/api/v1/alerts", headers=busy)
+        assert problem(refused, 429, "rate-limited") and int(refused.headers["Retry-After"]) >= 1
+        desk = await client.get("/api/v1/alerts", headers={"Authorization": f"Bearer {other}"})
+        assert desk.status_code == 200  # buckets are per key

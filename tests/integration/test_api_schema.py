@@ -34,7 +34,7 @@ EXAMPLES = 15  # per operation: enough to find a 500, short enough for CI
 @pytest.fixture(scope="module")
 def api_url(postgres_admin_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     name, url = create_database(postgres_admin_url)
-    settings_ = Settings(database_url=url, data_dir=tmp_path_factory.mktemp("api"))
+    settings_ = Settings(database_url=url, data_dir=tmp_path_factory.mktemp("api"), api_rate_limit=0)
     key = asyncio.run(_prepare(url, settings_))
     app = create_app(settings_, CATALOGUE, url)
     port = free_port()

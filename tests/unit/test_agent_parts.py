@@ -81,3 +81,15 @@ def test_simulated_payloads_decode_with_the_codec(shape: Shape) -> None:
         decoded += len(result.rows)
     assert decoded == sent
     assert decoder.decode(MALFORMED, None, NOW * 1000).rejects
+
+
+def test_the_rate_limiter_refills_by_the_clock() -> None:
+    from control_api.limits import RateLimiter
+
+    now = [0.0]
+    limiter = RateLimiter(rate_per_s=2.0, burst=2.0, clock=lambda: now[0])
+    assert [limiter.take("k") for _ in range(2)] == [0.0, 0.0]
+    assert limiter.take("k") == 0.5  # half a second until the next token
+    assert limiter.take("other") == 0.0  # buckets are per key
+    now[0] = 0.5
+    assert limiter.take("k") == 0.0
