@@ -232,19 +232,19 @@ class Evaluator:
         if not plan:
             return
         latest = max(rows)
-        times = sorted({row[0] for row in rows})
+        earliest = min(rows)[0]
         for rule, index in plan:
             state = self._state(rule, device.external_id, index)
             if isinstance(state, NoDataState):
-                for time_us in times[:-1]:  # silences between this batch's readings
-                    state.observe(time_us, latest[2])
-                    if state.gap_from is not None:
-                        self._silence_in_the_past(rule, device, state, out)
-            status = state.observe(latest[0], latest[2])
-            if isinstance(state, NoDataState):
                 state.arrived(self._clock())
-                if state.gap_from is not None:
-                    self._silence_in_the_past(rule, device, state, out)
+                if _may_hide_a_gap(state, earliest, latest[0]):
+                    for time_us in sorted({row[0] for row in rows}):  # silences between these readings
+                        state.observe(time_us, latest[2])
+                        if state.gap_from is not None:
+                            self._silence_in_the_past(rule, device, state, out)
+            status = state.observe(latest[0], latest[2])
+            if isinstance(state, NoDataState) and state.gap_from is not None:
+                self._silence_in_the_past(rule, device, state, out)
             self._settle(rule, device, index, status, state.value, latest[0], out)
 
     def _silence_in_the_past(
@@ -425,6 +425,13 @@ class Evaluator:
         if isinstance(state, NoDataState):
             return state.tick(now_us)
         return Status.FIRING if getattr(state, "firing", False) else Status.INACTIVE
+
+
+def _may_hide_a_gap(state: NoDataState, earliest_us: int, latest_us: int) -> bool:
+    """Whether a batch spanning these times could contain a silence of ``after_s`` (rarely: the
+    usual batch spans milliseconds, and one reading at its latest time settles it)."""
+    start = earliest_us if state.last_us is None else min(earliest_us, state.last_us)
+    return latest_us - start >= state.after_us
 
 
 # A threshold without ``for`` is decided by its last readings (an open alert seeds the hysteresis);
