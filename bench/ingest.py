@@ -85,6 +85,12 @@ SHAPES = (
 )
 
 
+# Quiet values sit inside every default rule, as a city does most of the time; --alarm sends values
+# that keep every device in alarm (each reading then updates an open alert: the rules' worst case).
+QUIET = {"pm25": 32.0, "pm10": 58.0, "o3": 80.0, "no2": 35.0, "so2": 9.0, "co": 0.8}
+ALARM = False  # set from --alarm before the publisher processes fork
+
+
 def payloads(shape: str, base_ms: int) -> Iterator[tuple[str, bytes]]:
     """Endless distinct readings: device i takes timestamps base + k ms, k counting per device."""
     counters = [0] * DEVICES
@@ -93,14 +99,22 @@ def payloads(shape: str, base_ms: int) -> Iterator[tuple[str, bytes]]:
             k = counters[device]
             if shape == "single":
                 counters[device] = k + 1
-                yield f"d{device}", b'{"ts":%d,"values":{"pm25":%d.5}}' % (base_ms + k, k % 300)
+                pm25 = k % 300 if ALARM else 20 + k % 20
+                yield f"d{device}", b'{"ts":%d,"values":{"pm25":%d.5}}' % (base_ms + k, pm25)
             elif shape == "batch":
                 counters[device] = k + 50
                 items = b",".join(b'{"ts":%d,"values":{"pm10":%d}}' % (base_ms + k + j, j) for j in range(50))
                 yield f"d{device}", b"[" + items + b"]"
             else:
                 counters[device] = k + 100
-                doc = [[base_ms + k + j, METRICS[j % 6], j * 0.5] for j in range(100)]
+                doc = [
+                    [
+                        base_ms + k + j,
+                        METRICS[j % 6],
+                        j * 0.5 if ALARM else QUIET[METRICS[j % 6]] * (1 + j % 5 / 50),
+                    ]
+                    for j in range(100)
+                ]
                 yield f"d{device}", msgpack.packb(doc)
 
 
@@ -362,7 +376,10 @@ def main() -> None:
         metavar="CITYOPS_X=V",
         help="extra setting for the pipeline process (repeatable), for tuning runs",
     )
+    parser.add_argument("--alarm", action="store_true", help="values that keep every device in alarm")
     args = parser.parse_args()
+    global ALARM
+    ALARM = args.alarm
     chosen = [s for s in SHAPES if s.key in args.shapes.split(",")]
 
     with tempfile.TemporaryDirectory(prefix="cityops-bench-") as tmp_name, contextlib.ExitStack() as stack:
@@ -378,7 +395,8 @@ def main() -> None:
         mqtt_url = args.mqtt_url or stack.enter_context(MosquittoProcess(tmp / "broker")).url
         print(
             f"PostgreSQL {admin_url.rsplit('@', 1)[-1]}, broker {mqtt_url}, {os.cpu_count()} cores; "
-            f"{args.seconds:.0f} s windows after {WARMUP_S:.0f} s warm-up"
+            f"{args.seconds:.0f} s windows after {WARMUP_S:.0f} s warm-up; "
+            + ("values keep every device in alarm" if ALARM else "quiet values (no rule fires)")
         )
         base_ms = int(time.time() * 1000) - 6 * 3_600_000
 
