@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Mapping
@@ -12,17 +11,15 @@ from dataclasses import dataclass, field
 import psycopg
 
 from cityops.db.connection import AsyncConn, connect
+from cityops.db.listen import follow
 from gateway.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
 
 CHANNEL = "cityops_devices"
-# A burst of registry edits (a fleet import) becomes one reload after this quiet period.
-RELOAD_DEBOUNCE_S = 0.2
 # A device unknown to the cache triggers a reload at most this often: a misconfigured device
 # publishing fast must not turn into a query per message.
 MISS_RELOAD_MIN_INTERVAL_S = 1.0
-LISTEN_RETRY_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,29 +82,4 @@ class DeviceRegistry:
 
     async def follow_changes(self, stop: asyncio.Event) -> None:
         """LISTEN for device changes and reload; reconnects when the connection drops."""
-        while not stop.is_set():
-            try:
-                conn = await connect(self._url, autocommit=True)
-            except Exception as exc:
-                log.warning("registry listener cannot connect", extra={"error": str(exc)[:200]})
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), LISTEN_RETRY_S)
-                continue
-            try:
-                await conn.execute(f"LISTEN {CHANNEL}")
-                await self._load(conn)  # changes made before LISTEN took effect are not missed
-                await self._listen(conn, stop)
-            except psycopg.Error as exc:
-                log.warning("registry listener lost its connection", extra={"error": str(exc)[:200]})
-            finally:
-                await conn.close()
-
-    async def _listen(self, conn: AsyncConn, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            changed = False
-            async for _ in conn.notifies(timeout=1.0, stop_after=1):
-                changed = True
-            if changed:
-                async for _ in conn.notifies(timeout=RELOAD_DEBOUNCE_S):
-                    pass  # the rest of a burst: one reload covers it
-                await self._load(conn)
+        await follow(self._url, CHANNEL, self._load, stop, what="registry")

@@ -29,6 +29,7 @@ import psycopg
 
 from cityops.catalogue import Catalogue
 from cityops.db.connection import AsyncConn, connect
+from cityops.db.listen import follow
 from cityops.db.retry import Backoff, is_transient
 from cityops.model import Row
 from cityops.settings import Settings
@@ -42,9 +43,6 @@ from rules.store import AlertStore, Transition
 log = logging.getLogger(__name__)
 
 CHANNEL = "cityops_rules"
-# A burst of rule edits (a pack install) becomes one reload after this quiet period.
-RELOAD_DEBOUNCE_S = 0.2
-LISTEN_RETRY_S = 2.0
 # Replayed rows are fetched from a server-side cursor this many at a time.
 REPLAY_FETCH_ROWS = 10_000
 
@@ -193,42 +191,15 @@ class RuleEngine:
         self._metrics.rules_loaded.set(len(self.evaluator.rules))
         self._metrics.rules_invalid.set(len(table.invalid))
 
-    async def reload(self) -> None:
-        """Read the rules table again (rules whose spec is unchanged keep their state)."""
-        await self._load(await self._connection())
-        self._metrics.reloads.inc()
-        log.info("rules reloaded", extra={"rules": len(self.evaluator.rules)})
-
     async def follow_changes(self, stop: asyncio.Event) -> None:
         """LISTEN for rule changes and reload; reconnects when the connection drops."""
-        while not stop.is_set():
-            try:
-                conn = await connect(self._url, autocommit=True)
-            except Exception as exc:
-                log.warning("rules listener cannot connect", extra={"error": str(exc)[:200]})
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), LISTEN_RETRY_S)
-                continue
-            try:
-                await conn.execute(f"LISTEN {CHANNEL}")
-                await self._load(conn)  # changes made before LISTEN took effect are not missed
-                await self._listen(conn, stop)
-            except psycopg.Error as exc:
-                log.warning("rules listener lost its connection", extra={"error": str(exc)[:200]})
-            finally:
-                await conn.close()
+        await follow(self._url, CHANNEL, self._reload_on, stop, what="rules")
 
-    async def _listen(self, conn: AsyncConn, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            changed = False
-            async for _ in conn.notifies(timeout=1.0, stop_after=1):
-                changed = True
-            if changed:
-                async for _ in conn.notifies(timeout=RELOAD_DEBOUNCE_S):
-                    pass  # the rest of a burst: one reload covers it
-                await self._load(conn)
-                self._metrics.reloads.inc()
-                log.info("rules reloaded", extra={"rules": len(self.evaluator.rules)})
+    async def _reload_on(self, conn: AsyncConn) -> None:
+        """Read the rules table again (rules whose spec is unchanged keep their state)."""
+        await self._load(conn)
+        self._metrics.reloads.inc()
+        log.info("rules reloaded", extra={"rules": len(self.evaluator.rules)})
 
     def set_devices(self, devices: Iterable[DeviceInfo]) -> None:
         """The registry changed: selectors are matched again, new devices' silences are watched."""
