@@ -131,6 +131,13 @@ def install(app: FastAPI) -> None:
     async def _backtest(request: Request, exc: BacktestLimitError) -> Response:
         return problem_response(422, "backtest-too-large", "Backtest too large", str(exc), request.url.path)
 
+    @app.exception_handler(psycopg.DataError)
+    async def _bad_data(request: Request, exc: psycopg.DataError) -> Response:
+        # A value PostgreSQL cannot take (SQLSTATE class 22, or psycopg refusing it first): a NUL
+        # character in text or JSON, a number out of range. The request's fault, not ours.
+        detail = (exc.diag.message_primary or str(exc) or "a value the database cannot store").strip()
+        return problem_response(422, "invalid-data", "Invalid data", detail, request.url.path)
+
     @app.exception_handler(PoolTimeout)
     async def _busy(request: Request, exc: PoolTimeout) -> Response:
         return problem_response(

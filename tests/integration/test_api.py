@@ -675,3 +675,16 @@ async def test_a_key_over_its_rate_gets_429_with_retry_after(
         assert problem(refused, 429, "rate-limited") and int(refused.headers["Retry-After"]) >= 1
         desk = await client.get("/api/v1/alerts", headers={"Authorization": f"Bearer {other}"})
         assert desk.status_code == 200  # buckets are per key
+
+
+async def test_values_the_database_cannot_store_are_422_not_500(api: Api) -> None:
+    # Found by schemathesis: a NUL character in a JSON object (jsonb refuses it) or in text.
+    body = {"tenant": "water", "matchers": {"district": "tian\u0000he"}, "starts_at": NOW.isoformat(),
+            "ends_at": (NOW + timedelta(hours=1)).isoformat()}  # fmt: skip
+    problem(
+        await api.client.post("/api/v1/silences", headers=api.auth("admin"), json=body), 422, "invalid-data"
+    )
+    device = {"id": "pd-99", "tenant": "water", "kind": "ponding_gauge", "name": "nul\u0000name"}
+    problem(
+        await api.client.post("/api/v1/devices", headers=api.auth("admin"), json=device), 422, "invalid-data"
+    )
