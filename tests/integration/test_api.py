@@ -688,3 +688,47 @@ async def test_values_the_database_cannot_store_are_422_not_500(api: Api) -> Non
     problem(
         await api.client.post("/api/v1/devices", headers=api.auth("admin"), json=device), 422, "invalid-data"
     )
+
+
+async def test_devices_create_update_disable_enable_without_a_broker_account_api(api: Api) -> None:
+    water_admin = (await create_key(api.conn, "water admin", Role.ADMIN, ["water"]))[1]
+    wa = {"Authorization": f"Bearer {water_admin}"}
+    body = {
+        "id": "pd-9",
+        "tenant": "water",
+        "kind": "ponding_gauge",
+        "name": "Gauge 9",
+        "lat": 23.1,
+        "lon": 113.3,
+    }
+    made = await api.client.post("/api/v1/devices", headers=wa, json=body)
+    assert made.status_code == 201 and made.json()["credentials"] is None  # broker_admin=none
+    assert made.json()["presence"] == "offline" and made.json()["domain"] == "drainage"
+    problem(
+        await api.client.post("/api/v1/devices", headers=wa, json={**body, "id": "gd-9", "tenant": "gas"}),
+        403,
+        "forbidden",
+    )
+    unknown = await api.client.post(
+        "/api/v1/devices", headers=wa, json={**body, "id": "pd-10", "kind": "toaster"}
+    )
+    assert problem(unknown, 422, "invalid-parameters")["errors"][0]["field"] == "kind"
+    problem(
+        await api.client.post("/api/v1/devices", headers=api.auth("water_operator"), json=body),
+        403,
+        "forbidden",
+    )
+    patched = await api.client.patch(
+        "/api/v1/devices/pd-9", headers=wa, json={"name": "Gauge nine", "tags": {"zone": "low"}}
+    )
+    assert (patched.json()["name"], patched.json()["tags"]) == ("Gauge nine", {"zone": "low"})
+    problem(await api.client.patch("/api/v1/devices/gd-1", headers=wa, json={"name": "x"}), 404, "not-found")
+    assert (await api.client.post("/api/v1/devices/pd-9/disable", headers=wa)).json()["enabled"] is False
+    assert (await api.client.post("/api/v1/devices/pd-9/enable", headers=wa)).json()["enabled"] is True
+    cur = await api.conn.execute("SELECT action FROM audit_log WHERE object_id = 'pd-9' ORDER BY id")
+    assert [r[0] for r in await cur.fetchall()] == [
+        "device.create",
+        "device.update",
+        "device.disable",
+        "device.enable",
+    ]
