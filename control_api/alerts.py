@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import base64
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field
 
 from cityops.apikeys import Principal
@@ -93,51 +94,51 @@ def _uncursor(cursor: str) -> tuple[datetime, int]:
         raise invalid("cursor", "query", "not a cursor this API gave out") from None
 
 
-def alert_filters(
-    caller: Principal,
-    state: list[AlertState] | None,
-    severity: list[Severity] | None,
-    tenant: str | None,
-    domain: Domain | None,
-    district: str | None,
-    device: str | None,
-    rule: str | None,
-) -> tuple[list[str], list[Any]]:
-    """WHERE clauses (on ``alerts a``) for the list, the feed and the overview, scoped to the caller."""
-    scope, params = scope_sql(caller, "a.tenant")
-    where = [scope]
-    for clause, value in (
-        ("a.state = ANY(%s)", [s.value for s in state] if state else None),
-        ("a.severity = ANY(%s)", [s.value for s in severity] if severity else None),
-        ("a.tenant = %s", tenant),
-        ("a.labels->>'domain' = %s", domain.value if domain else None),
-        ("a.labels->>'district' = %s", district),
-        ("a.labels->>'device' = %s", device),
-        ("a.labels->>'rule' = %s", rule),
-    ):
-        if value is not None:
-            where.append(clause)
-            params.append(value)
-    return where, params
+@dataclass
+class AlertFilter:
+    """The filters the alert list and both live feeds share (query parameters)."""
+
+    state: Annotated[list[AlertState] | None, Query(description="repeat for several")] = None
+    severity: Annotated[list[Severity] | None, Query(description="repeat for several")] = None
+    tenant: str | None = None
+    domain: Domain | None = None
+    district: str | None = None
+    device: str | None = None
+    rule: str | None = None
+
+    def where(self, caller: Principal) -> tuple[list[str], list[Any]]:
+        """WHERE clauses (on ``alerts a``), scoped to the caller."""
+        scope, params = scope_sql(caller, "a.tenant")
+        where = [scope]
+        for clause, value in (
+            ("a.state = ANY(%s)", [s.value for s in self.state] if self.state else None),
+            ("a.severity = ANY(%s)", [s.value for s in self.severity] if self.severity else None),
+            ("a.tenant = %s", self.tenant),
+            ("a.labels->>'domain' = %s", self.domain.value if self.domain else None),
+            ("a.labels->>'district' = %s", self.district),
+            ("a.labels->>'device' = %s", self.device),
+            ("a.labels->>'rule' = %s", self.rule),
+        ):
+            if value is not None:
+                where.append(clause)
+                params.append(value)
+        return where, params
+
+
+Filters = Annotated[AlertFilter, Depends()]
 
 
 @router.get("", response_model=AlertPage, summary="List alerts, newest first")
 async def list_alerts(
     caller: Viewer,
     conn: Conn,
-    state: Annotated[list[AlertState] | None, Query(description="repeat for several")] = None,
-    severity: Annotated[list[Severity] | None, Query()] = None,
-    tenant: str | None = None,
-    domain: Domain | None = None,
-    district: str | None = None,
-    device: str | None = None,
-    rule: str | None = None,
+    filters: Filters,
     since: Annotated[datetime | None, Query(description="started at or after (ISO 8601)")] = None,
     until: Annotated[datetime | None, Query(description="started before")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 100,
     cursor: str | None = None,
 ) -> AlertPage:
-    where, params = alert_filters(caller, state, severity, tenant, domain, district, device, rule)
+    where, params = filters.where(caller)
     if since is not None:
         where.append("a.started_at >= %s")
         params.append(since)

@@ -26,8 +26,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from cityops.apikeys import authenticate
 from cityops.db.connection import AsyncConn, connect
-from cityops.model import AlertState, Domain, Severity
-from control_api.alerts import alert_filters
+from control_api.alerts import Filters
 from control_api.deps import Viewer, pool
 from control_api.problems import invalid
 
@@ -154,18 +153,12 @@ async def feed_events(
 async def stream(
     request: Request,
     caller: Viewer,
-    state: Annotated[list[AlertState] | None, Query()] = None,
-    severity: Annotated[list[Severity] | None, Query()] = None,
-    tenant: str | None = None,
-    domain: Domain | None = None,
-    district: str | None = None,
-    device: str | None = None,
-    rule: str | None = None,
+    filters: Filters,
     since: Annotated[int | None, Query(ge=0, description="resume after this event id")] = None,
     last_event_id: Annotated[str | None, Header(description="SSE resume: the last id received")] = None,
 ) -> StreamingResponse:
     after = _resume_point(last_event_id, since)
-    where, params = alert_filters(caller, state, severity, tenant, domain, district, device, rule)
+    where, params = filters.where(caller)
     hub: FeedHub = request.app.state.feed
     return StreamingResponse(
         _sse(request, hub, where, params, after),
@@ -210,13 +203,7 @@ async def _sse(
 @router.websocket("/ws")
 async def websocket_feed(
     websocket: WebSocket,
-    state: Annotated[list[AlertState] | None, Query()] = None,
-    severity: Annotated[list[Severity] | None, Query()] = None,
-    tenant: str | None = None,
-    domain: Domain | None = None,
-    district: str | None = None,
-    device: str | None = None,
-    rule: str | None = None,
+    filters: Filters,
     since: Annotated[int | None, Query(ge=0, description="resume after this event id")] = None,
     token: Annotated[str | None, Query(description="the API key, where a header cannot be set")] = None,
 ) -> None:
@@ -229,7 +216,7 @@ async def websocket_feed(
     if caller is None:
         await websocket.close(code=WS_UNAUTHORIZED, reason="unknown or missing API key")
         return
-    where, params = alert_filters(caller, state, severity, tenant, domain, district, device, rule)
+    where, params = filters.where(caller)
     closed = asyncio.Event()
 
     async def gone() -> bool:
