@@ -10,7 +10,6 @@ narrowed down to the messages that cause it, which become dead letters, and the 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -20,7 +19,7 @@ from datetime import UTC, date, datetime, timedelta
 import psycopg
 from psycopg import errors as pg_errors
 
-from cityops.db.connection import AsyncConn, connect
+from cityops.db.connection import AsyncConn, OwnConnection
 from cityops.db.maintenance import ensure_partitions
 from cityops.db.retry import Backoff, is_transient
 from cityops.model import RejectReason
@@ -67,24 +66,21 @@ class BatchWriter:
         backoff: Backoff | None = None,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
-        self._url = database_url
         self._mode = mode
         self._metrics = metrics
         self._backoff = backoff or Backoff()
         self._sleep = sleep
-        self._conn: AsyncConn | None = None
+        self._conn = OwnConnection(database_url)
         self._known_days: set[int] = set()
 
     async def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            await conn.close()
+        await self._conn.drop()
 
     async def write(self, batch: Batch) -> WriteResult:
         """Commit ``batch``; returns only once it is durable (cancel the call to give up)."""
         while True:
             try:
-                conn = await self._connection()
+                conn = await self._conn.get()
                 if self._mode is StorageMode.NATIVE:
                     await self._ensure_partitions(conn, batch)
                 started = time.perf_counter()
@@ -111,19 +107,8 @@ class BatchWriter:
             "database unavailable; batch kept, retrying",
             extra={"error": str(exc).strip()[:200], "retry_in_s": round(delay, 2)},
         )
-        await self._drop_connection()
+        await self._conn.drop()
         await self._sleep(delay)
-
-    async def _connection(self) -> AsyncConn:
-        if self._conn is None or self._conn.closed:
-            self._conn = await connect(self._url, autocommit=True)
-        return self._conn
-
-    async def _drop_connection(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(psycopg.Error):
-                await conn.close()
 
     # --- partitions (native mode) ---------------------------------------------------------------
     async def _ensure_partitions(self, conn: AsyncConn, batch: Batch) -> None:

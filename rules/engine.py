@@ -25,10 +25,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from types import TracebackType
 
-import psycopg
-
 from cityops.catalogue import Catalogue
-from cityops.db.connection import AsyncConn, connect
+from cityops.db.connection import AsyncConn, OwnConnection
 from cityops.db.listen import follow
 from cityops.db.retry import Backoff, is_transient
 from cityops.model import Row
@@ -68,7 +66,7 @@ class RuleEngine:
         self._clock = clock
         self._backoff = backoff or Backoff()
         self._sleep = sleep
-        self._conn: AsyncConn | None = None
+        self._conn = OwnConnection(database_url)
         self._lock = asyncio.Lock()
         self._store = AlertStore()
         self._rule_ids: dict[str, int] = {}
@@ -80,16 +78,13 @@ class RuleEngine:
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(psycopg.Error):
-                await conn.close()
+        await self._conn.drop()
 
     # --- start ---------------------------------------------------------------------------------
     async def start(self, devices: Iterable[DeviceInfo]) -> None:
         """Load the rules (installing the default packs into an empty table) and rebuild state."""
         started = time.perf_counter()
-        conn = await self._connection()
+        conn = await self._conn.get()
         if self._settings.rules_install_defaults and await rules_table_is_empty(conn):
             reports = await install_default_packs(conn, self._catalogue)
             log.info(
@@ -266,7 +261,7 @@ class RuleEngine:
     async def _retrying(self, write: Callable[[AsyncConn], Awaitable[list[Transition]]]) -> list[Transition]:
         while True:
             try:
-                result = await write(await self._connection())
+                result = await write(await self._conn.get())
                 self._backoff.reset()
                 return result
             except Exception as exc:
@@ -278,19 +273,8 @@ class RuleEngine:
                     "database unavailable; alerts kept, retrying",
                     extra={"error": str(exc).strip()[:200], "retry_in_s": round(delay, 2)},
                 )
-                await self._drop_connection()
+                await self._conn.drop()
                 await self._sleep(delay)
-
-    async def _connection(self) -> AsyncConn:
-        if self._conn is None or self._conn.closed:
-            self._conn = await connect(self._url, autocommit=True)
-        return self._conn
-
-    async def _drop_connection(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(psycopg.Error):
-                await conn.close()
 
 
 def _device_of(subject: str) -> str | None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import psycopg
@@ -79,3 +79,27 @@ async def reachable(url: str, timeout_s: float = 3.0) -> bool:
         return False
     await conn.close()
     return True
+
+
+class OwnConnection:
+    """One long-lived autocommit connection, made on first use and re-made after it is dropped.
+
+    For the components that keep a connection of their own and retry through outages (the batch
+    writer, the rule engine): :meth:`get` connects when needed, :meth:`drop` forgets a connection
+    that failed (closing it quietly), so the next :meth:`get` starts afresh.
+    """
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._conn: AsyncConn | None = None
+
+    async def get(self) -> AsyncConn:
+        if self._conn is None or self._conn.closed:
+            self._conn = await connect(self._url, autocommit=True)
+        return self._conn
+
+    async def drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with suppress(psycopg.Error):
+                await conn.close()
